@@ -1,0 +1,210 @@
+"""medpipe's one typed configuration.
+
+The same model drives the CLI (``--config FILE``), the flows (a ``config`` parameter) and the
+deployments (``deploy/prefect.yaml``). Every field has a default that processes the sample
+archive well, so ``Config()`` is a working configuration.
+
+>>> cfg = Config()
+>>> cfg.cluster.workers
+2
+>>> Config.model_validate({"cluster": {"workers": 4}}).cluster.workers
+4
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestConfig(_Section):
+    """Discovery, series selection and DICOM to OME-Zarr conversion."""
+
+    modalities: list[str] = Field(
+        default_factory=lambda: ["CT", "MR", "PT", "NM", "CR", "DX", "MG", "XA", "RF", "US", "OT", "SC"],
+        description="Image modalities processed; other series are skipped with that reason.",
+    )
+    min_slices: int = Field(1, ge=1, description="Series with fewer instances (or frames) are skipped.")
+    series_description: str | None = Field(
+        None, description="Regular expression a series description must match (case-insensitive)."
+    )
+    orientation: Literal["any", "axial", "coronal", "sagittal"] = "any"
+    prefer: Literal["most_slices", "thinnest_slices"] = "most_slices"
+    on_inconsistency: Literal["warn", "refuse"] = Field(
+        "warn",
+        description="Spacing gaps, duplicate positions, tilt, mixed shapes: warn and go on, or fail the study.",
+    )
+    spacing_tolerance: float = Field(0.05, gt=0, description="Relative tolerance of slice spacing.")
+    chunk_mb: float = Field(4.0, ge=1.0, description="Target uncompressed Zarr chunk size in MiB.")
+    pyramid_levels: int = Field(3, ge=1, le=8)
+    keep_dates: bool = Field(False, description="Keep study dates in outputs (removed by default).")
+    uid_salt: str = Field("medpipe", description="Salt of the one-way hash that makes study keys.")
+
+
+class FilterStep(_Section):
+    """One operator of a filter pipeline, by name with keyword parameters."""
+
+    op: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def _default_filters() -> dict[str, list[FilterStep]]:
+    return {
+        "CT": [FilterStep(op="median", params={"size": 3})],
+        "MR": [FilterStep(op="gaussian", params={"sigma": 0.7})],
+        "default": [],
+    }
+
+
+class FilterConfig(_Section):
+    """Per-modality filter pipelines; the key ``default`` serves other modalities."""
+
+    pipelines: dict[str, list[FilterStep]] = Field(default_factory=_default_filters)
+
+    def for_modality(self, modality: str) -> list[FilterStep]:
+        return self.pipelines.get(modality, self.pipelines.get("default", []))
+
+
+class SegmentConfig(_Section):
+    """Per-modality segmentation method and its parameters."""
+
+    methods: dict[str, FilterStep] = Field(
+        default_factory=lambda: {
+            "CT": FilterStep(op="ct_tissues", params={}),
+            "MR": FilterStep(op="brain_tissues", params={}),
+            "default": FilterStep(op="otsu", params={}),
+        }
+    )
+    lesion_min_ml: float = Field(0.05, ge=0, description="Smallest component reported as a lesion candidate.")
+    lesion_max_ml: float = Field(200.0, gt=0)
+
+    def for_modality(self, modality: str) -> FilterStep:
+        return self.methods.get(modality, self.methods["default"])
+
+
+class ModelConfig(_Section):
+    """The inference model. ``path=None`` uses the default model that ships with medpipe."""
+
+    path: Path | None = None
+    name: str | None = Field(None, description="Overrides the name stored in the model card.")
+    version: str | None = None
+    input_size: int = Field(128, ge=8, description="Slices are resampled to input_size x input_size.")
+    channels: int = Field(1, ge=1)
+    window: tuple[float, float] | None = Field(
+        None, description="Intensity window (low, high) before normalisation; None uses the model card's."
+    )
+    output: Literal["slice_classification", "segmentation"] = "slice_classification"
+    labels: list[str] = Field(default_factory=lambda: ["no_lesion", "lesion"])
+    batch_size: int = Field(32, ge=1)
+    study_score: Literal["max", "mean_top3"] = Field(
+        "max", description="How slice scores become the study score."
+    )
+    saliency_slices: int = Field(2, ge=0, description="Saliency maps for the N highest-scoring slices.")
+    enabled: bool = True
+
+
+class ReportConfig(_Section):
+    html: bool = True
+    dicom_seg: bool = True
+    dicom_sr: bool = True
+    include_patient_identity: bool = Field(
+        False, description="Copy patient identity into SEG/SR (for a PACS). Off: research-safe outputs."
+    )
+
+
+class ClusterConfig(_Section):
+    kind: Literal["local", "cuda", "address"] = "local"
+    workers: int = Field(2, ge=1, description="Dask worker processes (local cluster).")
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = Field("auto", description="Per worker, e.g. '4GiB'; 'auto' shares the machine.")
+    address: str | None = Field(None, description="tcp://HOST:PORT of an existing Dask scheduler.")
+    device: Literal["auto", "cpu", "gpu"] = Field("auto", description="Array device for operators.")
+    dashboard: bool = True
+
+
+class RunConfig(_Section):
+    force: bool = Field(False, description="Reprocess studies whose inputs and configuration are unchanged.")
+    retries: int = Field(1, ge=0, description="Retries of a study stage after a transient failure.")
+    retry_delay_s: float = Field(2.0, ge=0)
+    study_timeout_s: float = Field(3600.0, gt=0)
+    keep_intermediates: bool = Field(False, description="Keep filtered.zarr in study folders.")
+
+
+class ScheduleConfig(_Section):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class Config(_Section):
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "Config":
+        """Read a YAML, JSON or TOML file (or nothing) and apply ``overrides`` on top."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            data = _read_mapping(Path(path))
+        if overrides:
+            data = deep_merge(data, overrides)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            where = f"{path}: " if path else ""
+            raise ConfigError(f"{where}invalid configuration:\n{exc}") from None
+
+    def fingerprint(self) -> str:
+        """A hash of everything that changes outputs (cluster and run settings excluded)."""
+        import hashlib
+
+        relevant = self.model_dump(mode="json", exclude={"cluster", "run", "schedule"})
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``top`` into a copy of ``base``, recursing into nested mappings."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except Exception as exc:  # any parser's error becomes one clear message
+        raise ConfigError(f"{path}: cannot parse configuration: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: configuration must be a mapping, got {type(data).__name__}")
+    return data

@@ -1,0 +1,283 @@
+"""OME-Zarr 0.5 (Zarr v3) images and label images.
+
+Layout of ``image.zarr`` (see docs/output-contract.md)::
+
+    image.zarr/                 group; attributes.ome.multiscales (axes z, y, x in millimetre)
+      0/ 1/ 2/                  pyramid levels, level 0 at full resolution
+      labels/segmentation/      label image with the same number of levels
+
+Besides OME's scale and translation, ``attributes.medpipe.affine_lps`` holds the full 4x4
+matrix from voxel indices ``(x, y, z, 1)`` (column, row, slice: the reverse of the array's
+axis order) to patient LPS millimetres, because OME-Zarr cannot express rotations.
+
+>>> import numpy as np, tempfile, pathlib
+>>> p = pathlib.Path(tempfile.mkdtemp()) / "image.zarr"
+>>> _ = write_image(p, np.zeros((4, 8, 8), "float32"), spacing=(2.0, 1.0, 1.0), levels=1)
+>>> read_meta(p).spacing
+(2.0, 1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+OME_VERSION = "0.5"
+AXES = [{"name": n, "type": "space", "unit": "millimeter"} for n in ("z", "y", "x")]
+LABELS_NAME = "segmentation"
+
+
+def _compressors() -> list[BloscCodec]:
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What a reader needs to place an image: shape, spacing, affine and medpipe's attributes."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    levels: int
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_chunks(shape: tuple[int, ...], itemsize: int, target_mb: float = 4.0) -> tuple[int, int, int]:
+    """Chunk shape near ``target_mb`` MiB: whole rows and columns up to 256, then depth in z.
+
+    >>> choose_chunks((300, 512, 512), 4, 4.0)
+    (16, 256, 256)
+    >>> choose_chunks((1, 64, 64), 4)
+    (1, 64, 64)
+    """
+    z, y, x = shape
+    cy, cx = min(y, 256), min(x, 256)
+    depth = max(1, int(target_mb * 2**20 // (cy * cx * itemsize)))
+    return (min(z, depth), cy, cx)
+
+
+def default_affine(spacing: tuple[float, float, float], origin: tuple[float, float, float] = (0, 0, 0)) -> np.ndarray:
+    """Axis-aligned affine from (z, y, x) spacing and an (x, y, z) LPS origin."""
+    aff = np.eye(4)
+    aff[0, 0], aff[1, 1], aff[2, 2] = spacing[2], spacing[1], spacing[0]
+    aff[:3, 3] = origin
+    return aff
+
+
+def _translation(affine: np.ndarray, spacing: tuple[float, float, float]) -> list[float]:
+    """Origin expressed along the volume's own z, y, x axes (exact when axis-aligned)."""
+    directions = affine[:3, :3] / np.asarray([spacing[2], spacing[1], spacing[0]])
+    t_xyz = directions.T @ affine[:3, 3]
+    return [float(t_xyz[2]), float(t_xyz[1]), float(t_xyz[0])]
+
+
+def _multiscales(name: str, scales: list[list[float]], translations: list[list[float]]) -> list[dict[str, Any]]:
+    datasets = [
+        {
+            "path": str(i),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": s},
+                {"type": "translation", "translation": t},
+            ],
+        }
+        for i, (s, t) in enumerate(zip(scales, translations))
+    ]
+    return [{"name": name, "axes": AXES, "datasets": datasets}]
+
+
+def _factors(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Downsampling factors for the next level: 2 along axes long enough to halve."""
+    return tuple(2 if n >= 32 else 1 for n in shape)  # type: ignore[return-value]
+
+
+def create_image(
+    path: str | Path,
+    shape: tuple[int, int, int],
+    dtype: Any,
+    spacing: tuple[float, float, float],
+    affine: np.ndarray | None = None,
+    *,
+    chunks: tuple[int, int, int] | None = None,
+    attrs: dict[str, Any] | None = None,
+    name: str = "image",
+) -> zarr.Array:
+    """Create an OME-Zarr image group and return its empty level-0 array for streaming writes.
+
+    Call :func:`build_pyramid` after filling it.
+    """
+    dtype = np.dtype(dtype)
+    affine = default_affine(spacing) if affine is None else np.asarray(affine, dtype=float)
+    chunks = chunks or choose_chunks(shape, dtype.itemsize)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    arr = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, compressors=_compressors(), fill_value=0)
+    group.attrs.update(
+        {
+            "ome": {
+                "version": OME_VERSION,
+                "multiscales": _multiscales(name, [list(map(float, spacing))], [_translation(affine, spacing)]),
+            },
+            "medpipe": {"affine_lps": affine.tolist(), "spacing_zyx": list(map(float, spacing)), **(attrs or {})},
+        }
+    )
+    return arr
+
+
+def write_image(
+    path: str | Path,
+    data: np.ndarray | da.Array,
+    spacing: tuple[float, float, float],
+    affine: np.ndarray | None = None,
+    *,
+    chunks: tuple[int, int, int] | None = None,
+    levels: int = 3,
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write a whole volume (NumPy or Dask) as an OME-Zarr image with ``levels`` pyramid levels."""
+    arr = create_image(path, data.shape, data.dtype, spacing, affine, chunks=chunks, attrs=attrs)
+    store_aligned(data, arr)
+    build_pyramid(path, levels)
+    return Path(path)
+
+
+def store_aligned(data: np.ndarray | da.Array, target: zarr.Array) -> None:
+    """Store ``data`` into ``target`` with one writer per Zarr chunk (no partial-chunk races)."""
+    if isinstance(data, np.ndarray):
+        target[...] = data
+        return
+    da.store(data.rechunk(target.chunks), target, lock=False)
+
+
+def build_pyramid(path: str | Path, levels: int, *, labels: bool = False) -> None:
+    """Write levels 1..levels-1 by 2x downsampling of level 0 and update the multiscales metadata.
+
+    Images are averaged; label images take every second voxel so that label values stay valid.
+    """
+    group = zarr.open_group(str(path), mode="r+")
+    ome = dict(group.attrs["ome"])
+    ms = ome["multiscales"][0]
+    base = ms["datasets"][0]["coordinateTransformations"]
+    scale = list(base[0]["scale"])
+    trans = list(base[1]["translation"])
+    scales, translations = [scale], [trans]
+    current = da.from_zarr(group["0"])
+    for level in range(1, levels):
+        f = _factors(current.shape)
+        if f == (1, 1, 1):
+            break
+        if labels:
+            current = current[:: f[0], :: f[1], :: f[2]]
+        else:
+            trimmed = current[tuple(slice(0, (n // k) * k) for n, k in zip(current.shape, f))]
+            current = da.coarsen(np.mean, trimmed, dict(enumerate(f))).astype(group["0"].dtype)
+        trans = [t + (k - 1) * s / 2 if not labels else t for t, k, s in zip(trans, f, scale)]
+        scale = [s * k for s, k in zip(scale, f)]
+        chunks = tuple(min(c, n) for c, n in zip(group["0"].chunks, current.shape))
+        arr = group.create_array(
+            str(level), shape=current.shape, chunks=chunks, dtype=current.dtype,
+            compressors=_compressors(), fill_value=0, overwrite=True,
+        )
+        store_aligned(current, arr)
+        current = da.from_zarr(arr)
+        scales.append(scale)
+        translations.append(trans)
+    ms = {**ms, "datasets": _multiscales(ms.get("name", "image"), scales, translations)[0]["datasets"]}
+    ome["multiscales"] = [ms]
+    group.attrs["ome"] = ome
+
+
+def read_image(path: str | Path, level: int = 0) -> da.Array:
+    """The image at pyramid ``level`` as a Dask array over its Zarr chunks."""
+    return da.from_zarr(zarr.open_array(str(Path(path) / str(level)), mode="r"))
+
+
+def read_meta(path: str | Path) -> ImageMeta:
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    mp = dict(attrs.get("medpipe", {}))
+    level0 = group["0"]
+    spacing = tuple(float(s) for s in mp.get("spacing_zyx") or
+                    attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"])
+    affine = np.asarray(mp.get("affine_lps", default_affine(spacing)), dtype=float)
+    return ImageMeta(
+        shape=tuple(level0.shape), dtype=str(level0.dtype), spacing=spacing,  # type: ignore[arg-type]
+        affine=affine, levels=len(attrs["ome"]["multiscales"][0]["datasets"]), attrs=mp,
+    )
+
+
+def update_attrs(path: str | Path, **values: Any) -> None:
+    """Merge ``values`` into ``attributes.medpipe`` of an image or label group."""
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["medpipe"] = {**dict(group.attrs.get("medpipe", {})), **values}
+
+
+def write_labels(
+    image_path: str | Path,
+    labels: np.ndarray | da.Array,
+    names: dict[int, str],
+    *,
+    name: str = LABELS_NAME,
+    colors: dict[int, tuple[int, int, int, int]] | None = None,
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write a label image under ``image.zarr/labels/<name>`` with as many levels as the image."""
+    image_path = Path(image_path)
+    meta = read_meta(image_path)
+    if tuple(labels.shape) != tuple(meta.shape):
+        raise ValueError(f"{image_path}: labels of shape {labels.shape} do not match image shape {meta.shape}")
+    root = zarr.open_group(str(image_path), mode="r+")
+    labels_group = root.require_group("labels")
+    existing = list(dict(labels_group.attrs).get("ome", {}).get("labels", []))
+    labels_group.attrs["ome"] = {"version": OME_VERSION, "labels": sorted(set(existing) | {name})}
+    dtype = np.dtype(labels.dtype) if np.dtype(labels.dtype).kind in "iu" else np.dtype("uint16")
+    label_path = image_path / "labels" / name
+    arr = create_image(label_path, meta.shape, dtype, meta.spacing, meta.affine,
+                       chunks=root["0"].chunks, attrs=attrs, name=name)
+    store_aligned(labels.astype(dtype), arr)
+    group = zarr.open_group(str(label_path), mode="r+")
+    colors = colors or {v: _color(v) for v in names}
+    group.attrs["ome"] = {
+        **dict(group.attrs["ome"]),
+        "image-label": {
+            "version": OME_VERSION,
+            "colors": [{"label-value": int(v), "rgba": list(c)} for v, c in sorted(colors.items())],
+            "properties": [{"label-value": int(v), "name": n} for v, n in sorted(names.items())],
+            "source": {"image": "../../"},
+        },
+    }
+    build_pyramid(label_path, meta.levels, labels=True)
+    return label_path
+
+
+def read_labels(image_path: str | Path, name: str = LABELS_NAME, level: int = 0) -> da.Array:
+    return read_image(Path(image_path) / "labels" / name, level)
+
+
+def label_names(image_path: str | Path, name: str = LABELS_NAME) -> dict[int, str]:
+    group = zarr.open_group(str(Path(image_path) / "labels" / name), mode="r")
+    props = group.attrs["ome"]["image-label"]["properties"]
+    return {int(p["label-value"]): p["name"] for p in props}
+
+
+_PALETTE = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+]
+
+
+def _color(value: int) -> tuple[int, int, int, int]:
+    r, g, b = _PALETTE[(int(value) - 1) % len(_PALETTE)]
+    return (r, g, b, 255 if value else 0)
+
+
+def chunk_bytes(path: str | Path, level: int = 0) -> int:
+    """Uncompressed bytes of one chunk of a level (for checks on the >= 1 MB rule)."""
+    arr = zarr.open_array(str(Path(path) / str(level)), mode="r")
+    return math.prod(arr.chunks) * arr.dtype.itemsize
