@@ -111,6 +111,17 @@ class ModelConfig(_Section):
     )
     saliency_slices: int = Field(2, ge=0, description="Saliency maps for the N highest-scoring slices.")
     enabled: bool = True
+    spacing_mm: float | None = Field(
+        None, gt=0, description="In-plane spacing slices are resampled to; None uses the model card's "
+        "(no card: the whole slice is resized to input_size).",
+    )
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="Study score at or above which the study label is positive; "
+        "None uses the model card's (else 0.5).",
+    )
+    modalities: list[str] | None = Field(
+        None, description="Modalities the model covers (others are skipped); None uses the model card's (else CT)."
+    )
 
 
 class ReportConfig(_Section):
