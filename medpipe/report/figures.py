@@ -1,0 +1,314 @@
+"""Pictures of a study for report.html: key slices with the segmentation overlaid, maximum
+intensity projections, three orthogonal views, saliency maps, a slice-score chart.
+
+Everything is read from the study folder (``image.zarr`` and ``saliency/*.png``) at a pyramid
+level whose slices fit in about ``max_px`` pixels, and only the slices needed are read. Pictures
+are returned as base64 PNG strings ready for ``<img src="data:image/png;base64,...">``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from PIL import Image
+from scipy import ndimage as ndi
+
+from .. import omezarr
+
+log = logging.getLogger(__name__)
+
+CT_WINDOW = (-1100.0, 500.0)  # one window that shows lung, soft tissue and bone together
+
+
+@dataclass
+class Figure:
+    title: str
+    png: str  # base64
+    caption: str = ""
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class StudyFigures:
+    key_slices: list[Figure] = field(default_factory=list)
+    orthogonal: list[Figure] = field(default_factory=list)
+    mips: list[Figure] = field(default_factory=list)
+    saliency: list[Figure] = field(default_factory=list)
+    legend: list[dict[str, Any]] = field(default_factory=list)
+    window: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def png_base64(rgb: np.ndarray) -> str:
+    """Encode an (H, W) or (H, W, 3) uint8 array as base64 PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def choose_level(image_path: Path, max_px: int) -> int:
+    """The finest pyramid level whose rows and columns are at most ``max_px`` (else the coarsest)."""
+    meta = omezarr.read_meta(image_path)
+    for level in range(meta.levels):
+        shape = zarr.open_array(str(image_path / str(level)), mode="r").shape
+        if max(shape[1:]) <= max_px:
+            return level
+    return meta.levels - 1
+
+
+def label_colors(image_path: Path, name: str = omezarr.LABELS_NAME) -> dict[int, tuple[int, int, int]]:
+    """RGB colour of each label value from the label image's OME ``image-label.colors``."""
+    group = zarr.open_group(str(image_path / "labels" / name), mode="r")
+    colors = group.attrs.get("ome", {}).get("image-label", {}).get("colors", [])
+    return {int(c["label-value"]): tuple(int(v) for v in c["rgba"][:3]) for c in colors}
+
+
+def display_range(sample: np.ndarray, modality: str | None) -> tuple[float, float]:
+    """CT: a fixed HU window; other modalities: the 1st to 99.5th percentile of the sample."""
+    if modality == "CT":
+        return CT_WINDOW
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        return (0.0, 1.0)
+    lo, hi = np.percentile(finite, [1.0, 99.5])
+    return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+
+
+def to_gray(img: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    lo, hi = window
+    out = (np.nan_to_num(img.astype(np.float32), nan=lo) - lo) / (hi - lo)
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def overlay(gray: np.ndarray, labels: np.ndarray | None, colors: dict[int, tuple[int, int, int]],
+            alpha: float = 0.35) -> np.ndarray:
+    """Grey image with each label filled at ``alpha`` and outlined in its colour."""
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    if labels is not None:
+        for value in np.unique(labels):
+            if value == 0 or int(value) not in colors:
+                continue
+            mask = labels == value
+            color = np.asarray(colors[int(value)], np.float32)
+            rgb[mask] = (1 - alpha) * rgb[mask] + alpha * color
+            edge = mask & ~ndi.binary_erosion(mask)
+            rgb[edge] = color
+    return rgb.astype(np.uint8)
+
+
+def physical_resize(rgb: np.ndarray, spacing_rc: tuple[float, float], target: int = 360,
+                    max_px: int = 512) -> np.ndarray:
+    """Resize so that pixels are square in millimetres and the longer side is about ``target``."""
+    h_mm, w_mm = rgb.shape[0] * spacing_rc[0], rgb.shape[1] * spacing_rc[1]
+    scale = min(target, max_px) / max(h_mm, w_mm)
+    size = (max(1, round(w_mm * scale)), max(1, round(h_mm * scale)))
+    if size == (rgb.shape[1], rgb.shape[0]):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+
+
+class _Volume:
+    """Lazy access to the image and labels of one pyramid level (reads only what is asked)."""
+
+    def __init__(self, image_path: Path, level: int):
+        self.image = omezarr.read_image(image_path, level)
+        self.shape = tuple(self.image.shape)
+        try:
+            self.labels = omezarr.read_labels(image_path, level=level)
+            self.labels = self.labels[tuple(slice(0, n) for n in self.shape)]
+            if tuple(self.labels.shape) != self.shape:
+                self.labels = None
+        except Exception:  # a missing or broken label image only costs the overlays
+            self.labels = None
+
+    def plane(self, axis: int, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        sl = [slice(None)] * 3
+        sl[axis] = int(np.clip(index, 0, self.shape[axis] - 1))
+        img = np.asarray(self.image[tuple(sl)])
+        lab = None if self.labels is None else np.asarray(self.labels[tuple(sl)])
+        return img, lab
+
+
+def _superior_up(affine: np.ndarray) -> bool:
+    """True when increasing slice index points to the patient's head (then flip z for display)."""
+    return bool(affine[2, 2] > 0)
+
+
+def _saliency(study_dir: Path, record: dict[str, Any], max_px: int) -> tuple[list[Figure], list[str]]:
+    figs, problems = [], []
+    root = study_dir.resolve()
+    for item in ((record.get("model") or {}).get("saliency") or []):
+        path = (study_dir / item["png"]).resolve()
+        if root not in path.parents or not path.is_file():
+            problems.append(f"saliency map {item['png']} not found in the study folder")
+            continue
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if max(im.size) > max_px:
+                    im.thumbnail((max_px, max_px))
+                arr = np.asarray(im)
+        except OSError as exc:
+            problems.append(f"saliency map {item['png']} unreadable: {exc}")
+            continue
+        score = item.get("score")
+        caption = f"slice {item['slice'] + 1}" + (f", score {score:.3f}" if isinstance(score, (int, float)) else "")
+        figs.append(Figure(f"Saliency, slice {item['slice'] + 1}", png_base64(arr), caption, arr.shape[1], arr.shape[0]))
+    return figs, problems
+
+
+def _key_slice_indices(vol: _Volume, names: dict[int, str], record: dict[str, Any], n0: int) -> list[tuple[int, str]]:
+    """Up to three slices (level coordinates) worth showing, each with why."""
+    nz = vol.shape[0]
+    picks: list[tuple[int, str]] = []
+    if vol.labels is not None:
+        lesion = [v for v, n in names.items() if "lesion" in n.lower() or "tumou" in n.lower() or "tumor" in n.lower()]
+        if lesion:
+            area = np.asarray((vol.labels == lesion[0]).sum(axis=(1, 2)).compute()) if len(lesion) == 1 else \
+                np.asarray(vol.labels.map_blocks(np.isin, lesion, dtype=bool).sum(axis=(1, 2)).compute())
+            if area.max() > 0:
+                picks.append((int(area.argmax()), "largest lesion cross-section"))
+    scores = ((record.get("model") or {}).get("outputs") or {}).get("slice_scores") or []
+    valid = [(s, i) for i, s in enumerate(scores) if isinstance(s, (int, float))]
+    if valid:
+        s, i0 = max(valid)
+        picks.append((min(nz - 1, int(i0 * nz / max(n0, 1))), f"highest model score ({s:.2f})"))
+    picks.append((nz // 2, "middle of the volume"))
+    out, seen = [], set()
+    for z, why in picks:
+        if z not in seen:
+            seen.add(z)
+            out.append((z, why))
+    return out[:3]
+
+
+def study_figures(study_dir: str | Path, record: dict[str, Any], max_px: int = 512) -> StudyFigures:
+    """All pictures of a study's report; problems (missing image, unreadable PNG) are listed, not raised."""
+    study_dir = Path(study_dir)
+    figs = StudyFigures()
+    figs.saliency, problems = _saliency(study_dir, record, max_px)
+    figs.problems.extend(problems)
+    image_path = study_dir / "image.zarr"
+    if not (image_path / "zarr.json").is_file():
+        if record.get("status") == "ok":
+            figs.problems.append("image.zarr not found: no pictures of the image")
+        return figs
+    try:
+        _image_figures(image_path, record, figs, max_px)
+    except Exception as exc:  # pictures are a convenience: never fail a report for them
+        log.warning("report pictures of %s failed: %s", study_dir, exc)
+        figs.problems.append(f"pictures of the image could not be made: {exc}")
+    return figs
+
+
+def _image_figures(image_path: Path, record: dict[str, Any], figs: StudyFigures, max_px: int) -> None:
+    meta = omezarr.read_meta(image_path)
+    level = choose_level(image_path, max_px)
+    vol = _Volume(image_path, level)
+    n0 = meta.shape[0]
+    sz, sy, sx = (meta.spacing[i] * meta.shape[i] / vol.shape[i] for i in range(3))
+    modality = record.get("modality")
+    try:
+        names = omezarr.label_names(image_path) if vol.labels is not None else {}
+        colors = label_colors(image_path) if vol.labels is not None else {}
+    except Exception:
+        names, colors = {}, {}
+    mid_img, _ = vol.plane(0, vol.shape[0] // 2)
+    window = display_range(mid_img, modality)
+    figs.window = (f"W {window[1] - window[0]:.0f} / L {(window[0] + window[1]) / 2:.0f} HU" if modality == "CT"
+                   else f"{window[0]:.4g} to {window[1]:.4g} (1st to 99.5th percentile)")
+    present = set()
+
+    def render(img: np.ndarray, lab: np.ndarray | None, spacing_rc: tuple[float, float], flip: bool) -> Figure:
+        if lab is not None:
+            present.update(int(v) for v in np.unique(lab) if v)
+        rgb = overlay(to_gray(img, window), lab, colors)
+        if flip:
+            rgb = rgb[::-1]
+        rgb = physical_resize(rgb, spacing_rc, max_px=max_px)
+        return Figure("", png_base64(rgb), "", rgb.shape[1], rgb.shape[0])
+
+    def z0(z: int) -> int:  # slice number at full resolution, 1-based
+        return min(n0, int((z + 0.5) * n0 / vol.shape[0]) + 1)
+
+    flip = _superior_up(meta.affine)
+    for z, why in _key_slice_indices(vol, names, record, n0):
+        img, lab = vol.plane(0, z)
+        f = render(img, lab, (sy, sx), False)
+        f.title, f.caption = f"Axial slice {z0(z)} of {n0}", why
+        figs.key_slices.append(f)
+
+    # Orthogonal views through the centre of the largest lesion candidate, else the volume centre.
+    centre = [n // 2 for n in vol.shape]
+    why = "through the volume centre"
+    if figs.key_slices and vol.labels is not None and "lesion" in figs.key_slices[0].caption:
+        z = _key_slice_indices(vol, names, record, n0)[0][0]
+        _, lab = vol.plane(0, z)
+        lesion = [v for v, n in names.items() if "lesion" in n.lower()]
+        mask = np.isin(lab, lesion)
+        if mask.any():
+            cy, cx = ndi.center_of_mass(mask)
+            centre, why = [z, int(round(cy)), int(round(cx))], "through the largest lesion"
+    for axis, name, sp in ((0, "Axial", (sy, sx)), (1, "Coronal", (sz, sx)), (2, "Sagittal", (sz, sy))):
+        img, lab = vol.plane(axis, centre[axis])
+        f = render(img, lab, sp, flip and axis > 0)
+        f.title, f.caption = name, why
+        figs.orthogonal.append(f)
+
+    # Maximum intensity projections on a coarse level (whole volume read, so keep it small).
+    mlevel = choose_level(image_path, min(max_px, 256))
+    mvol = vol if mlevel == level else _Volume(image_path, mlevel)
+    msz, msy, msx = (meta.spacing[i] * meta.shape[i] / mvol.shape[i] for i in range(3))
+    lesion = [v for v, n in names.items() if "lesion" in n.lower()]
+    for axis, name, sp in ((0, "Axial MIP", (msy, msx)), (1, "Coronal MIP", (msz, msx)), (2, "Sagittal MIP", (msz, msy))):
+        mip = np.asarray(mvol.image.max(axis=axis).compute())
+        lab = None
+        if mvol.labels is not None and lesion:
+            lab = np.asarray(mvol.labels.map_blocks(np.isin, lesion, dtype=bool).any(axis=axis).compute())
+            lab = np.where(lab, lesion[0], 0)
+        rgb = overlay(to_gray(mip, window if modality != "CT" else (-200.0, 1200.0)), lab, colors, alpha=0.5)
+        if flip and axis > 0:
+            rgb = rgb[::-1]
+        rgb = physical_resize(rgb, sp, target=240, max_px=max_px)
+        figs.mips.append(Figure(name, png_base64(rgb), "lesions outlined" if lab is not None and lab.any() else "",
+                                rgb.shape[1], rgb.shape[0]))
+
+    figs.legend = [
+        {"value": v, "name": names.get(v, str(v)), "color": "#%02x%02x%02x" % colors[v]}
+        for v in sorted(colors) if v in names and v != 0
+    ]
+    for item in figs.legend:
+        item["shown"] = item["value"] in present
+
+
+def score_chart_svg(scores: list[float | None], width: int = 640, height: int = 120,
+                    threshold: float | None = 0.5) -> str:
+    """Slice scores as a small inline SVG bar chart (numbers only, so safe to embed unescaped)."""
+    vals = [float(s) if isinstance(s, (int, float)) else 0.0 for s in scores]
+    if not vals:
+        return ""
+    n, pad = len(vals), 24
+    bw = (width - pad) / n
+    bars = []
+    for i, v in enumerate(vals):
+        h = max(0.0, min(1.0, v)) * (height - pad)
+        color = "#c0392b" if threshold is not None and v >= threshold else "#5b7fa6"
+        bars.append(f'<rect x="{pad + i * bw:.2f}" y="{height - pad / 2 - h:.2f}" width="{max(bw - 0.5, 0.5):.2f}" '
+                    f'height="{h:.2f}" fill="{color}"><title>slice {i + 1}: {v:.3f}</title></rect>')
+    y_thr = height - pad / 2 - (threshold or 0) * (height - pad)
+    thr = (f'<line x1="{pad}" x2="{width}" y1="{y_thr:.1f}" y2="{y_thr:.1f}" stroke="#999" stroke-dasharray="4 3"/>'
+           if threshold is not None else "")
+    axis = (f'<text x="0" y="{pad / 2 + 4:.0f}" font-size="10" fill="#666">1.0</text>'
+            f'<text x="0" y="{height - pad / 2:.0f}" font-size="10" fill="#666">0</text>'
+            f'<text x="{pad}" y="{height - 1}" font-size="10" fill="#666">slice 1</text>'
+            f'<text x="{width}" y="{height - 1}" font-size="10" fill="#666" text-anchor="end">slice {n}</text>')
+    return (f'<svg viewBox="0 0 {width} {height}" width="100%" '
+            f'role="img" aria-label="slice scores">{"".join(bars)}{thr}{axis}</svg>')

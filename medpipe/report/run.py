@@ -1,0 +1,83 @@
+"""Run summaries: ``OUT/run.html`` and the markdown and table that the flow publishes as
+Prefect artifacts (plain functions here: the library never imports Prefect)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import atomic
+from .html import _num, render_run_html, report_href
+
+
+def write_run_html(out_dir: str | Path, run: dict[str, Any]) -> Path:
+    """Write ``out_dir/run.html``: one table of the run's studies with links to their reports.
+
+    Parameters
+    ----------
+    out_dir : path
+        The run's output folder (where ``run.json`` is).
+    run : dict
+        The run record (``run_id``, ``started``, ``finished``, ``seconds``, ``versions``,
+        ``parameters``, ``counts``, ``studies``, ``issues``).
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    return atomic.write_text(Path(out_dir) / "run.html", render_run_html(run))
+
+
+def _md(text: Any) -> str:
+    """A markdown table cell: no pipes, no newlines, no HTML."""
+    s = "–" if text is None or text == "" else str(text)
+    return (s.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("\r", " ").replace("\n", " "))
+
+
+def run_table(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per study for a Prefect table artifact.
+
+    >>> run_table({"studies": [{"study_key": "k", "status": "ok", "seconds": 1.234, "findings": "none"}]})
+    [{'study': 'k', 'status': 'ok', 'modality': None, 'findings': 'none', 'error': None, 'seconds': 1.23, 'report': None}]
+    """
+    rows = []
+    for s in run.get("studies") or []:
+        seconds = s.get("seconds")
+        rows.append({
+            "study": s.get("study_key"),
+            "status": s.get("status"),
+            "modality": s.get("modality"),
+            "findings": s.get("findings"),
+            "error": s.get("error"),
+            "seconds": round(float(seconds), 2) if isinstance(seconds, (int, float)) else None,
+            "report": report_href(s.get("output")),
+        })
+    return rows
+
+
+def run_markdown(run: dict[str, Any], max_rows: int = 200) -> str:
+    """A markdown summary of the run: counts, timings, then a table of studies (failures first)."""
+    counts = {"ok": 0, "failed": 0, "skipped": 0, **(run.get("counts") or {})}
+    studies = sorted(run.get("studies") or [], key=lambda s: (s.get("status") != "failed", str(s.get("study_key"))))
+    icon = {"ok": "✅", "failed": "❌", "skipped": "⏭️"}
+    lines = [
+        f"# medpipe run {_md(run.get('run_id'))}",
+        "",
+        f"**{counts['ok']} ok · {counts['failed']} failed · {counts['skipped']} skipped** "
+        f"in {_num(run.get('seconds'), 1)} s ({_md(run.get('started'))} → {_md(run.get('finished'))})",
+        "",
+        "| study | status | modality | findings | seconds |",
+        "|---|---|---|---|---:|",
+    ]
+    for s in studies[:max_rows]:
+        text = s.get("error") if s.get("status") == "failed" else s.get("findings")
+        lines.append(f"| `{_md(s.get('study_key'))}` | {icon.get(s.get('status'), '')} {_md(s.get('status'))} | "
+                     f"{_md(s.get('modality'))} | {_md(text)} | {_num(s.get('seconds'), 1)} |")
+    if len(studies) > max_rows:
+        lines.append(f"\n… and {len(studies) - max_rows} more studies (see run.html).")
+    issues = run.get("issues") or []
+    if issues:
+        lines += ["", f"{len(issues)} file issue{'s' if len(issues) != 1 else ''} (see run.json)."]
+    return "\n".join(lines) + "\n"
