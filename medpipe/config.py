@@ -48,6 +48,10 @@ class IngestConfig(_Section):
     chunk_mb: float = Field(4.0, ge=1.0, description="Target uncompressed Zarr chunk size in MiB.")
     pyramid_levels: int = Field(3, ge=1, le=8)
     keep_dates: bool = Field(False, description="Keep study dates in outputs (removed by default).")
+    keep_descriptions: bool = Field(
+        False, description="Keep series descriptions whole; off: only acquisition terms (Annex E removes free text)."
+    )
+    skip_localizers: bool = Field(True, description="Drop LOCALIZER images from series (with a warning).")
     uid_salt: str = Field("medpipe", description="Salt of the one-way hash that makes study keys.")
 
 

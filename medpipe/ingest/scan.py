@@ -1,0 +1,258 @@
+"""Discovery: walk an archive folder and read every file's DICOM header, in parallel.
+
+Only headers are read (``stop_before_pixels``); the pixel data element's header is checked
+against the file size so that truncated files are caught without decoding anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ..config import IngestConfig
+from ..keys import uid_key
+
+log = logging.getLogger(__name__)
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+FILES_PER_TASK = 64
+
+
+@dataclass(frozen=True)
+class FileIssue:
+    """A file that cannot be used, and why. ``study_key`` is set when its study is known."""
+
+    path: str
+    reason: str
+    study_key: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"path": self.path, "reason": self.reason}
+        if self.study_key:
+            d["study_key"] = self.study_key
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FileIssue":
+        return cls(d["path"], d["reason"], d.get("study_key"))
+
+
+@dataclass(frozen=True)
+class Instance:
+    """The header facts of one DICOM file that planning and conversion need.
+
+    UIDs are kept here in clear because grouping needs them; they never leave the planner
+    except as one-way hashes.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    series_description: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+    image_type: tuple[str, ...] = ()
+    rows: int = 0
+    columns: int = 0
+    samples_per_pixel: int = 1
+    n_frames: int = 1
+    has_pixels: bool = False
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (6)
+    position: tuple[float, ...] | None = None  # ImagePositionPatient (3)
+    pixel_spacing: tuple[float, float] | None = None
+    slice_thickness: float | None = None
+    transfer_syntax: str | None = None
+
+    @property
+    def is_localizer(self) -> bool:
+        return "LOCALIZER" in self.image_type
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ScanResult:
+    """What discovery found: one :class:`Instance` per readable file, one issue per bad file."""
+
+    instances: list[Instance] = field(default_factory=list)
+    issues: list[FileIssue] = field(default_factory=list)
+    n_files: int = 0
+
+
+def iter_files(root: str | Path) -> Iterable[Path]:
+    """Every regular file under ``root`` (sorted, hidden files and DICOMDIR indexes excluded)."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.upper() == "DICOMDIR":
+                continue
+            yield Path(folder) / name
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _pixel_element_problem(fp: Any, size: int, ds: pydicom.Dataset) -> tuple[bool, str | None]:
+    """Whether the file has pixel data and, if so, whether its declared length fits in the file."""
+    if any(t in ds for t in PIXEL_TAGS):  # read in full (e.g. small files without file meta)
+        return True, None
+    pos = fp.tell()
+    head = fp.read(12)
+    if len(head) < 8:
+        return False, None
+    group, elem = struct.unpack("<HH", head[:4])
+    if (group, elem) not in PIXEL_TAGS:
+        return False, None
+    implicit = getattr(ds, "original_encoding", (False, True))[0]
+    if implicit:
+        length, header_len = struct.unpack("<I", head[4:8])[0], 8
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"UN"):
+        length, header_len = struct.unpack("<I", head[8:12])[0], 12
+    else:
+        length, header_len = struct.unpack("<H", head[6:8])[0], 8
+    if length == 0xFFFFFFFF:  # encapsulated (compressed): at least the item tags must follow
+        return True, None if size > pos + header_len + 8 else "truncated: encapsulated pixel data is empty"
+    available = size - pos - header_len
+    if available < length:
+        return True, f"truncated: pixel data declares {length} bytes, file holds {max(available, 0)}"
+    if length == 0:
+        return True, "pixel data is empty"
+    return True, None
+
+
+def read_instance(path: str | Path, salt: str = "medpipe") -> Instance | FileIssue:
+    """Read one file's header; return its :class:`Instance` or a :class:`FileIssue` saying why not."""
+    path = Path(path)
+    spath = str(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return FileIssue(spath, f"cannot stat file: {exc.strerror or exc}")
+    if st.st_size == 0:
+        return FileIssue(spath, "empty file (0 bytes)")
+    try:
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+            has_pixels, problem = _pixel_element_problem(fp, st.st_size, ds)
+    except (InvalidDicomError, EOFError) as exc:
+        return FileIssue(spath, f"not a DICOM file ({exc})")
+    except Exception as exc:  # pydicom raises many types on garbage; each is a bad file
+        return FileIssue(spath, f"unreadable DICOM header: {type(exc).__name__}: {exc}")
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
+        return FileIssue(spath, "DICOMDIR index (ignored)")
+    study_uid = str(ds.get("StudyInstanceUID", "") or "")
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if not study_uid or not series_uid or "SOPClassUID" not in ds and "Modality" not in ds:
+        if meta is None or "TransferSyntaxUID" not in meta:
+            return FileIssue(spath, "not a DICOM file (no DICOM header found)")
+        return FileIssue(spath, "DICOM file without StudyInstanceUID/SeriesInstanceUID")
+    key = uid_key(study_uid, salt)
+    if problem:
+        return FileIssue(spath, problem, key)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows and cols and not has_pixels:
+        return FileIssue(spath, "image object without pixel data", key)
+    spacing = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
+    thickness = ds.get("SliceThickness")
+    try:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        n_frames = 1
+    return Instance(
+        path=spath,
+        size=int(st.st_size),
+        mtime_ns=int(st.st_mtime_ns),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_uid=str(ds.get("SOPInstanceUID", "") or spath),
+        sop_class_uid=str(ds.get("SOPClassUID", "") or ""),
+        modality=str(ds.get("Modality", "") or "OT"),
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+        series_number=_int_or_none(ds.get("SeriesNumber")),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
+        rows=rows,
+        columns=cols,
+        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
+        n_frames=n_frames,
+        has_pixels=has_pixels,
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        position=_floats(ds.get("ImagePositionPatient"), 3),
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+        slice_thickness=float(thickness) if thickness not in (None, "") else None,
+        transfer_syntax=str(meta.get("TransferSyntaxUID")) if meta is not None and "TransferSyntaxUID" in meta else None,
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _read_batch(paths: list[str], salt: str) -> list[Instance | FileIssue]:
+    return [read_instance(p, salt) for p in paths]
+
+
+def scan_archive(root: str | Path, cfg: IngestConfig | None = None) -> ScanResult:
+    """Read the header of every file under ``root`` in parallel with ``dask.bag``.
+
+    The bag runs on the active Dask scheduler (a distributed ``Client`` when one is the
+    default); without one, on threads. Files that cannot be used become :class:`FileIssue`
+    records; DICOMDIR index files are skipped silently.
+
+    Parameters
+    ----------
+    root : path
+        Archive folder (nested folders, files with or without ``.dcm``).
+    cfg : IngestConfig, optional
+
+    Returns
+    -------
+    ScanResult
+    """
+    import dask
+    import dask.bag as db
+
+    cfg = cfg or IngestConfig()
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: archive folder not found")
+    paths = [str(p) for p in iter_files(root)]
+    result = ScanResult(n_files=len(paths))
+    if not paths:
+        return result
+    batches = [paths[i : i + FILES_PER_TASK] for i in range(0, len(paths), FILES_PER_TASK)]
+    bag = db.from_sequence(batches, npartitions=len(batches)).map(_read_batch, cfg.uid_salt).flatten()
+    # Honour an active scheduler (the flow's distributed client); bags default to processes otherwise.
+    scheduler = None if dask.config.get("scheduler", None) else "threads"
+    records = bag.compute(scheduler=scheduler) if scheduler else bag.compute()
+    for rec in records:
+        if isinstance(rec, Instance):
+            result.instances.append(rec)
+        elif rec.reason != "DICOMDIR index (ignored)":
+            result.issues.append(rec)
+    log.info("scanned %d files: %d instances, %d issues", len(paths), len(result.instances), len(result.issues))
+    return result
