@@ -89,8 +89,9 @@ def to_gray(img: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 
 def overlay(gray: np.ndarray, labels: np.ndarray | None, colors: dict[int, tuple[int, int, int]],
-            alpha: float = 0.35) -> np.ndarray:
-    """Grey image with each label filled at ``alpha`` and outlined in its colour."""
+            alpha: float = 0.12, strong: tuple[int, ...] = (), strong_alpha: float = 0.45) -> np.ndarray:
+    """Grey image with each label outlined in its colour and lightly filled (``strong`` labels,
+    such as lesions, filled at ``strong_alpha`` so that they stand out)."""
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     if labels is not None:
         for value in np.unique(labels):
@@ -98,7 +99,8 @@ def overlay(gray: np.ndarray, labels: np.ndarray | None, colors: dict[int, tuple
                 continue
             mask = labels == value
             color = np.asarray(colors[int(value)], np.float32)
-            rgb[mask] = (1 - alpha) * rgb[mask] + alpha * color
+            a = strong_alpha if int(value) in strong else alpha
+            rgb[mask] = (1 - a) * rgb[mask] + a * color
             edge = mask & ~ndi.binary_erosion(mask)
             rgb[edge] = color
     return rgb.astype(np.uint8)
@@ -137,6 +139,11 @@ class _Volume:
         return img, lab
 
 
+def _is_lesion(name: str) -> bool:
+    name = name.lower()
+    return any(w in name for w in ("lesion", "tumor", "tumour", "nodule", "mass"))
+
+
 def _superior_up(affine: np.ndarray) -> bool:
     """True when increasing slice index points to the patient's head (then flip z for display)."""
     return bool(affine[2, 2] > 0)
@@ -155,6 +162,9 @@ def _saliency(study_dir: Path, record: dict[str, Any], max_px: int) -> tuple[lis
                 im = im.convert("RGB")
                 if max(im.size) > max_px:
                     im.thumbnail((max_px, max_px))
+                elif max(im.size) < 240:  # small maps are enlarged to be seen, pixels kept sharp
+                    k = 240 / max(im.size)
+                    im = im.resize((round(im.size[0] * k), round(im.size[1] * k)), Image.Resampling.NEAREST)
                 arr = np.asarray(im)
         except OSError as exc:
             problems.append(f"saliency map {item['png']} unreadable: {exc}")
@@ -170,10 +180,9 @@ def _key_slice_indices(vol: _Volume, names: dict[int, str], record: dict[str, An
     nz = vol.shape[0]
     picks: list[tuple[int, str]] = []
     if vol.labels is not None:
-        lesion = [v for v, n in names.items() if "lesion" in n.lower() or "tumou" in n.lower() or "tumor" in n.lower()]
+        lesion = [v for v, n in names.items() if _is_lesion(n)]
         if lesion:
-            area = np.asarray((vol.labels == lesion[0]).sum(axis=(1, 2)).compute()) if len(lesion) == 1 else \
-                np.asarray(vol.labels.map_blocks(np.isin, lesion, dtype=bool).sum(axis=(1, 2)).compute())
+            area = np.asarray(vol.labels.map_blocks(np.isin, lesion, dtype=bool).sum(axis=(1, 2)).compute())
             if area.max() > 0:
                 picks.append((int(area.argmax()), "largest lesion cross-section"))
     scores = ((record.get("model") or {}).get("outputs") or {}).get("slice_scores") or []
@@ -227,20 +236,24 @@ def _image_figures(image_path: Path, record: dict[str, Any], figs: StudyFigures,
                    else f"{window[0]:.4g} to {window[1]:.4g} (1st to 99.5th percentile)")
     present = set()
 
-    def render(img: np.ndarray, lab: np.ndarray | None, spacing_rc: tuple[float, float], flip: bool) -> Figure:
+    lesion = [v for v, n in names.items() if _is_lesion(n)]
+
+    def render(img: np.ndarray, lab: np.ndarray | None, spacing_rc: tuple[float, float], flip: bool,
+               target: int = 340) -> Figure:
         if lab is not None:
             present.update(int(v) for v in np.unique(lab) if v)
-        rgb = overlay(to_gray(img, window), lab, colors)
+        rgb = overlay(to_gray(img, window), lab, colors, strong=tuple(lesion))
         if flip:
             rgb = rgb[::-1]
-        rgb = physical_resize(rgb, spacing_rc, max_px=max_px)
+        rgb = physical_resize(rgb, spacing_rc, target=target, max_px=max_px)
         return Figure("", png_base64(rgb), "", rgb.shape[1], rgb.shape[0])
 
     def z0(z: int) -> int:  # slice number at full resolution, 1-based
         return min(n0, int((z + 0.5) * n0 / vol.shape[0]) + 1)
 
     flip = _superior_up(meta.affine)
-    for z, why in _key_slice_indices(vol, names, record, n0):
+    picks = _key_slice_indices(vol, names, record, n0)
+    for z, why in picks:
         img, lab = vol.plane(0, z)
         f = render(img, lab, (sy, sx), False)
         f.title, f.caption = f"Axial slice {z0(z)} of {n0}", why
@@ -249,17 +262,16 @@ def _image_figures(image_path: Path, record: dict[str, Any], figs: StudyFigures,
     # Orthogonal views through the centre of the largest lesion candidate, else the volume centre.
     centre = [n // 2 for n in vol.shape]
     why = "through the volume centre"
-    if figs.key_slices and vol.labels is not None and "lesion" in figs.key_slices[0].caption:
-        z = _key_slice_indices(vol, names, record, n0)[0][0]
+    if picks and vol.labels is not None and "lesion" in picks[0][1]:
+        z = picks[0][0]
         _, lab = vol.plane(0, z)
-        lesion = [v for v, n in names.items() if "lesion" in n.lower()]
         mask = np.isin(lab, lesion)
         if mask.any():
             cy, cx = ndi.center_of_mass(mask)
             centre, why = [z, int(round(cy)), int(round(cx))], "through the largest lesion"
     for axis, name, sp in ((0, "Axial", (sy, sx)), (1, "Coronal", (sz, sx)), (2, "Sagittal", (sz, sy))):
         img, lab = vol.plane(axis, centre[axis])
-        f = render(img, lab, sp, flip and axis > 0)
+        f = render(img, lab, sp, flip and axis > 0, target=300)
         f.title, f.caption = name, why
         figs.orthogonal.append(f)
 
@@ -267,7 +279,6 @@ def _image_figures(image_path: Path, record: dict[str, Any], figs: StudyFigures,
     mlevel = choose_level(image_path, min(max_px, 256))
     mvol = vol if mlevel == level else _Volume(image_path, mlevel)
     msz, msy, msx = (meta.spacing[i] * meta.shape[i] / mvol.shape[i] for i in range(3))
-    lesion = [v for v, n in names.items() if "lesion" in n.lower()]
     for axis, name, sp in ((0, "Axial MIP", (msy, msx)), (1, "Coronal MIP", (msz, msx)), (2, "Sagittal MIP", (msz, msy))):
         mip = np.asarray(mvol.image.max(axis=axis).compute())
         lab = None
@@ -311,4 +322,4 @@ def score_chart_svg(scores: list[float | None], width: int = 640, height: int = 
             f'<text x="{pad}" y="{height - 1}" font-size="10" fill="#666">slice 1</text>'
             f'<text x="{width}" y="{height - 1}" font-size="10" fill="#666" text-anchor="end">slice {n}</text>')
     return (f'<svg viewBox="0 0 {width} {height}" width="100%" '
-            f'role="img" aria-label="slice scores">{"".join(bars)}{thr}{axis}</svg>')
+            f'style="max-width:{width}px" role="img" aria-label="slice scores">{"".join(bars)}{thr}{axis}</svg>')
