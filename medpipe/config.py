@@ -74,6 +74,9 @@ class FilterConfig(_Section):
     """Per-modality filter pipelines; the key ``default`` serves other modalities."""
 
     pipelines: dict[str, list[FilterStep]] = Field(default_factory=_default_filters)
+    work_chunk_mb: float = Field(
+        128.0, ge=1.0, description="Size of the z-slabs operators compute on (halo overhead vs memory)."
+    )
 
     def for_modality(self, modality: str) -> list[FilterStep]:
         return self.pipelines.get(modality, self.pipelines.get("default", []))
