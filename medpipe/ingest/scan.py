@@ -23,6 +23,7 @@ from ..keys import uid_key
 log = logging.getLogger(__name__)
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 FILES_PER_TASK = 64
 
@@ -116,6 +117,11 @@ def _pixel_element_problem(fp: Any, size: int, ds: pydicom.Dataset) -> tuple[boo
     """Whether the file has pixel data and, if so, whether its declared length fits in the file."""
     if any(t in ds for t in PIXEL_TAGS):  # read in full (e.g. small files without file meta)
         return True, None
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID") == DEFLATED:
+        # The file position is inside the inflated stream: read the (rare) deflated file whole.
+        full = pydicom.dcmread(fp.name, force=True)
+        return any(t in full for t in PIXEL_TAGS), None
     pos = fp.tell()
     head = fp.read(12)
     if len(head) < 8:

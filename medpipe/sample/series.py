@@ -133,7 +133,7 @@ def write_series(
         stored, pixel_rep = _storage(vol[k], slopes[k], intercepts[k])
         ds = Dataset()
         ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = stable_uid("sop", series_uid, k)
+        ds.SOPInstanceUID = stable_uid("sop", series_uid, seed, k, names[k])
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = stable_uid("for", study_uid)
