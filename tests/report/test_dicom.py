@@ -1,0 +1,96 @@
+import json
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from medpipe.config import Config
+from medpipe.report import assemble_record, validate_report, write_study_report
+
+from_conftest_patient = {"PatientName": "Doe^Jane", "PatientID": "PID-12345", "PatientBirthDate": "19600101",
+                         "AccessionNumber": "ACC-999", "InstitutionName": "St Example Hospital"}
+
+
+def _write(study, **report):
+    doc = assemble_record(study.study_dir.name, study.stages, study.timings, study.provenance)
+    written = write_study_report(study.study_dir, doc, Config.model_validate({"report": report}), study.files)
+    saved = json.loads((study.study_dir / "report.json").read_text())
+    validate_report(saved)
+    return written, saved
+
+
+def _identity_text(ds: pydicom.Dataset) -> str:
+    """Every text value of the dataset, nested sequences included."""
+    values = []
+    ds.walk(lambda _, elem: values.append(str(elem.value)) if elem.VR in ("PN", "LO", "SH", "DA", "ST", "LT", "UT") else None)
+    return " ".join(values)
+
+
+def test_seg_matches_zarr_labels_voxel_for_voxel(study):
+    written, saved = _write(study)
+    assert written == {"html": "report.html", "json": "report.json", "seg": "seg.dcm", "sr": "sr.dcm"}
+    assert saved["outputs"] == written and not any("SEG" in w for w in saved["warnings"])
+    seg = hd.seg.segread(study.study_dir / "seg.dcm")
+    assert seg.SeriesInstanceUID != study.series_uid and seg.StudyInstanceUID == study.study_uid
+    referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
+    assert referenced == {study.series_uid}
+    # Source images in the order of their position along the slice normal (what the Zarr holds).
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in study.files]
+    sources.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    uids = [ds.SOPInstanceUID for ds in sources]
+    by_number = {d.SegmentNumber: d for d in seg.SegmentSequence}
+    for number, desc in by_number.items():
+        value = int(desc.TrackingID.split(":")[0].split()[1])
+        assert study.names[value] == desc.SegmentLabel
+        mask = seg.get_pixels_by_source_instance(uids, segment_numbers=[number], skip_overlap_checks=True)[..., 0]
+        np.testing.assert_array_equal(mask.astype(bool), study.labels == value)
+    assert len(by_number) == len(study.names)
+
+
+def test_sr_volumes_match_report_json(study):
+    _, saved = _write(study)
+    sr = hd.sr.srread(study.study_dir / "sr.dcm")
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    volumes = {}
+    for g in groups:
+        (m,) = g.get_measurements()
+        assert m.unit.value == "ml" and m.name == pydicom.sr.codedict.codes.SCT.Volume
+        volumes[int(g.tracking_identifier.split(":")[0].split()[1])] = m.value
+        assert g.referenced_segment is not None
+    expected = {m["label"]: m["volume_ml"] for m in saved["segmentation"]["measurements"]}
+    assert volumes.keys() == expected.keys()
+    for k, v in expected.items():
+        assert volumes[k] == pytest.approx(v, rel=1e-6)
+
+
+def test_no_patient_identity_by_default(study):
+    _write(study)
+    for name in ("seg.dcm", "sr.dcm"):
+        ds = pydicom.dcmread(study.study_dir / name)
+        text = _identity_text(ds)
+        for value in from_conftest_patient.values():
+            assert value not in text, (name, value)
+        assert str(ds.PatientName) == "ANONYMOUS^" and ds.PatientID == study.study_dir.name
+        assert ds.get("PatientBirthDate", "") == "" and ds.get("PatientIdentityRemoved") == "YES"
+
+
+def test_patient_identity_when_configured(study):
+    _write(study, include_patient_identity=True)
+    for name in ("seg.dcm", "sr.dcm"):
+        ds = pydicom.dcmread(study.study_dir / name)
+        assert str(ds.PatientName) == "Doe^Jane" and ds.PatientID == "PID-12345"
+        assert ds.PatientBirthDate == "19600101"
+
+
+def test_sr_without_seg_and_failures_are_warnings(study):
+    written, _ = _write(study, dicom_seg=False)
+    assert "seg" not in written and written["sr"] == "sr.dcm"
+    sr = hd.sr.srread(study.study_dir / "sr.dcm")
+    assert not sr.content.get_volumetric_roi_measurement_groups()
+    # Source files from another geometry cannot be matched: a warning, not a crash.
+    doc = assemble_record(study.study_dir.name, study.stages, study.timings, study.provenance)
+    written = write_study_report(study.study_dir, doc, Config(), study.files[:5])
+    saved = json.loads((study.study_dir / "report.json").read_text())
+    assert set(written) == {"html", "json"}
+    assert any(w.startswith("DICOM SEG/SR not written: no source image") for w in saved["warnings"])
