@@ -1,0 +1,131 @@
+"""Ingest throughput beside its floor, measured in the same run.
+
+Makes an archive of CT series (512x512, a few hundred slices each) in a temporary folder, then
+measures, each phase in a fresh process so that peak memory is its own:
+
+* floor: pydicom reads every file and decodes its pixels into NumPy, writing nothing
+  (the faster of 1 and ``--threads`` threads);
+* medpipe: ``scan_archive`` + ``plan_studies`` + ``ingest_study`` for every study (sorted,
+  rescaled float32 volume, compressed Zarr, 3-level pyramid), on ``--threads`` Dask threads.
+
+Usage::
+
+    .venv/bin/python benchmarks/ingest.py --series 3 --slices 200 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def make_archive(root: Path, n_series: int, n_slices: int, size: int) -> None:
+    import numpy as np
+
+    from medpipe.phantom import ct_phantom
+    from medpipe.sample import write_series
+
+    slab = ct_phantom(shape=(16, size, size), spacing=(1.0, 0.7, 0.7), lesions=[], seed=1).hu
+    for s in range(n_series):
+        vol = np.resize(slab, (n_slices, size, size))  # realistic texture; cheap to make
+        write_series(vol, (1.0, 0.7, 0.7), root / f"patient{s}" / "ct", modality="CT", intercept=-1024.0,
+                     patient_id=f"BENCH-{s}", seed=s, shuffle=True, file_names=[f"{k:06d}" for k in range(n_slices)])
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def phase_floor(root: Path, threads: int) -> dict:
+    import pydicom
+
+    files = _files(root)
+
+    def read(p: Path) -> int:
+        return pydicom.dcmread(p).pixel_array.nbytes
+
+    best = None
+    for n in sorted({1, threads}):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            nbytes = sum(pool.map(read, files))
+        dt = time.perf_counter() - t0
+        if best is None or dt < best["seconds"]:
+            best = {"seconds": dt, "threads": n, "bytes": nbytes, "slices": len(files)}
+    return best  # type: ignore[return-value]
+
+
+def phase_medpipe(root: Path, out: Path, threads: int) -> dict:
+    import dask
+
+    from medpipe.config import IngestConfig
+    from medpipe.ingest import ingest_study, plan_studies, scan_archive
+
+    cfg = IngestConfig()
+    files = _files(root)
+    t0 = time.perf_counter()
+    with dask.config.set(scheduler="threads", num_workers=threads):
+        plans = plan_studies(scan_archive(root, cfg), cfg)
+        for p in plans:
+            ingest_study(p, out / p.study_key, cfg)
+    dt = time.perf_counter() - t0
+    nbytes = sum(p.stat().st_size for p in files)
+    return {"seconds": dt, "threads": threads, "bytes": nbytes, "slices": len(files)}
+
+
+def _child(phase: str, root: Path, out: Path, threads: int, *extra: str) -> dict:
+    # Each phase in a fresh, small process: Linux carries ru_maxrss across fork+exec, so the
+    # parent stays small (it never imports NumPy) and the archive is made in a child too.
+    cmd = [sys.executable, __file__, "--phase", phase, "--root", str(root), "--out", str(out),
+           "--threads", str(threads), *extra]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--series", type=int, default=3)
+    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--phase", choices=["make", "floor", "medpipe"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase == "make":
+        make_archive(args.root, args.series, args.slices, args.size)
+        print("{}")
+        return
+    if args.phase:
+        res = phase_floor(args.root, args.threads) if args.phase == "floor" else phase_medpipe(args.root, args.out, args.threads)
+        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="medpipe-bench-ingest-"))
+    try:
+        _child("make", tmp / "archive", tmp / "out", args.threads, "--series", str(args.series),
+               "--slices", str(args.slices), "--size", str(args.size))
+        _child("floor", tmp / "archive", tmp / "out", args.threads)  # warm the page cache once
+        floor = _child("floor", tmp / "archive", tmp / "out", args.threads)
+        ours = _child("medpipe", tmp / "archive", tmp / "out", args.threads)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"archive: {args.series} CT series x {args.slices} slices of {args.size}x{args.size}, "
+          f"{ours['bytes'] / 2**20:.0f} MiB in {ours['slices']} files; {args.threads} threads")
+    print(f"{'':28s}{'MB/s':>10s}{'slices/s':>10s}{'seconds':>10s}{'peak RSS MiB':>14s}")
+    for name, r in ((f"floor (pydicom->NumPy, {floor['threads']}t)", floor), ("medpipe ingest", ours)):
+        print(f"{name:28s}{r['bytes'] / 1e6 / r['seconds']:10.1f}{r['slices'] / r['seconds']:10.1f}"
+              f"{r['seconds']:10.2f}{r['peak_rss_mib']:14.0f}")
+    print(f"medpipe / floor: {floor['seconds'] / ours['seconds']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
