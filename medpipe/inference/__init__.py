@@ -1,0 +1,37 @@
+"""TensorFlow inference: model validation, per-study fan-out over Dask, training, evaluation.
+
+Importing this package does not import TensorFlow; the functions that need it do so lazily.
+
+Public API
+----------
+validate_model(mcfg) -> ModelInfo
+    Check the configured model before a run (missing, corrupt, wrong shape -> ModelError).
+infer_study(study_dir, modality, cfg) -> dict
+    Scores, study label, flags and saliency PNGs of one study.
+train_default(out_dir, ...) -> dict
+    Train the default lesion/no-lesion slice classifier and write its model card.
+evaluate_archive(archive, labels_file, out_dir, cfg) -> dict
+    Metrics, ROC curve and report over a labelled archive.
+configure_gpu() -> list[str]
+    TensorFlow memory growth on every visible GPU.
+"""
+
+from .model import DEFAULT_MODEL, ModelInfo, configure_gpu, load_count, resolve_model, validate_model
+from .stage import infer_study, study_score
+
+__all__ = [
+    "DEFAULT_MODEL", "ModelInfo", "configure_gpu", "evaluate_archive", "infer_study", "load_count",
+    "make_labelled_volumes", "resolve_model", "study_score", "train_default", "validate_model",
+]
+
+
+def __getattr__(name: str):  # train/evaluate pull in sklearn and matplotlib: import on use
+    if name == "train_default":
+        from .train import train_default
+
+        return train_default
+    if name in ("evaluate_archive", "make_labelled_volumes"):
+        from . import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(name)
