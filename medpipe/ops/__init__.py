@@ -2,6 +2,11 @@
 
 Every operator takes a NumPy, CuPy or Dask array and returns the same kind. ``FILTERS`` and
 ``SEGMENTERS`` map the operator names used in the configuration to functions.
+
+Modules: ``filters`` (SciPy-signature filters), ``_label`` (chunked connected components),
+``morphology``, ``segment`` (thresholds, clustering, region growing), ``methods`` (the
+per-modality segmentations), ``measure`` (per-label statistics), ``stage`` (the filter and
+segment stages on study folders).
 """
 
 from __future__ import annotations
@@ -13,6 +18,12 @@ from .filters import (
     uniform_filter, unsharp_mask, window,
 )
 from ._label import label
+from .measure import label_counts, lesion_candidates, region_stats
+from .methods import METHODS as SEGMENTERS
+from .morphology import binary_closing, binary_erosion, binary_opening, fill_holes, largest_component
+from .segment import (
+    CT_PRESETS, body_mask, kmeans_intensity, region_grow, threshold_multiotsu, threshold_otsu, threshold_range,
+)
 
 # Names the configuration uses (FilterStep.op) -> functions. All keep the image's shape.
 FILTERS = {
@@ -27,6 +38,9 @@ FILTERS = {
 }
 
 __all__ = [
+    "CT_PRESETS", "SEGMENTERS", "binary_closing", "binary_erosion", "binary_opening", "body_mask", "fill_holes",
+    "kmeans_intensity", "label_counts", "largest_component", "lesion_candidates", "region_grow", "region_stats",
+    "threshold_multiotsu", "threshold_otsu", "threshold_range",
     "FILTERS", "anisotropic_diffusion", "gaussian_filter", "get_ndi", "get_xp", "gpu_available",
     "gradient_magnitude", "halo_depth", "label", "median_filter", "normalize", "resample",
     "resolve_device", "to_device", "to_numpy", "uniform_filter", "unsharp_mask", "window",

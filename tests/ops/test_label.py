@@ -92,3 +92,17 @@ def test_gpu_label_matches_cpu(cupy_gpu, blobs):
     ref, n_ref = ndi.label(blobs, FULL)
     lab, n = ops.label(da.from_array(cupy.asarray(blobs), chunks=(5, 6, 7)), FULL)
     assert n == n_ref and same_partition(lab.compute().get(), ref)
+
+
+def test_region_grow_and_body_mask():
+    from medpipe.ops import body_mask, region_grow
+
+    img = np.zeros((6, 20, 20), np.float32)
+    img[:, 2:18, 2:18] = 100.0  # body
+    img[:, 6:10, 6:10] = 0.0  # enclosed hole (filled by the body mask)
+    img[:, 12:15, 12:15] = 300.0  # a bright object
+    d = da.from_array(img, chunks=(2, 7, 7))
+    body = body_mask(d, 50.0).compute()
+    assert body[:, 2:18, 2:18].all() and not body[:, :2].any()
+    grown = region_grow(d, [(3, 13, 13)], 250.0, 400.0).compute()
+    assert grown.sum() == 6 * 9 and grown[3, 13, 13]
