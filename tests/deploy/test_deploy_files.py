@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (
+from deploy_checks import (
     BIN,
     DASK_CUDA_WORKER_FLAGS,
     DEPLOY,
