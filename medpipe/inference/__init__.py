@@ -16,11 +16,13 @@ configure_gpu() -> list[str]
     TensorFlow memory growth on every visible GPU.
 """
 
-from .model import DEFAULT_MODEL, ModelInfo, configure_gpu, load_count, resolve_model, validate_model
+from .model import (
+    DEFAULT_MODEL, ModelInfo, configure_gpu, configure_threads, load_count, resolve_model, validate_model,
+)
 from .stage import infer_study, study_score
 
 __all__ = [
-    "DEFAULT_MODEL", "ModelInfo", "configure_gpu", "evaluate_archive", "infer_study", "load_count",
+    "DEFAULT_MODEL", "ModelInfo", "configure_gpu", "configure_threads", "evaluate_archive", "infer_study", "load_count",
     "make_labelled_volumes", "resolve_model", "study_score", "train_default", "validate_model",
 ]
 

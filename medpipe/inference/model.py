@@ -219,9 +219,34 @@ def configure_gpu() -> list[str]:
     return done
 
 
+def configure_threads(n: int | None = None) -> int | None:
+    """Limit TensorFlow's CPU thread pools to ``n`` threads (default: the Dask worker's nthreads).
+
+    Several worker processes on one machine each start TensorFlow; with its default of one
+    thread per core each, they oversubscribe the cores. Takes effect only before TensorFlow's
+    first operation in the process; returns the number set, or None when nothing changed.
+    """
+    if n is None:
+        try:
+            from distributed import get_worker
+
+            n = get_worker().state.nthreads
+        except (ImportError, ValueError, AttributeError):
+            return None
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+    except RuntimeError:  # TensorFlow already initialised in this process
+        return None
+    return n
+
+
 def _load(path: Path) -> LoadedModel:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     configure_gpu()
+    configure_threads()
     import keras
     import tensorflow as tf
 

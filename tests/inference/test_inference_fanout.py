@@ -17,7 +17,7 @@ def test_model_loads_once_per_worker_process(tmp_path, tiny_model):
     studies = [write_study(tmp_path, n_slices=24, seed=s) for s in (1, 2)]
     cfg = tiny_cfg(tiny_model, batch_size=3, saliency_slices=1)  # 8 batch tasks per study
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, worker_dashboard_address=None) as cluster, \
+                                  dashboard_address=":0", worker_dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as client:
         with distributed.get_task_stream(client) as stream:
             results = [infer_study(s, "CT", cfg) for s in studies]
