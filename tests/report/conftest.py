@@ -90,7 +90,7 @@ def measurements(labels: np.ndarray, hu: np.ndarray, names: dict[int, str], spac
         c = zyx.mean(axis=0)
         centroid = (affine @ np.array([c[2], c[1], c[0], 1.0]))[:3]
         out.append({"label": v, "name": name, "voxels": n, "volume_ml": n * voxel_ml,
-                    "bbox": [*zyx.min(0).tolist(), *(zyx.max(0) + 1).tolist()],
+                    "bbox": [zyx.min(0).tolist(), (zyx.max(0) + 1).tolist()],
                     "centroid_mm": centroid.tolist(), "mean": float(hu[mask].mean()), "std": float(hu[mask].std())})
     return out
 

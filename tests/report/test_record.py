@@ -50,7 +50,7 @@ def test_nan_and_numpy_values_become_json():
 
     seg = {"method": "otsu", "labels": {np.int64(1): "fg"},
            "measurements": [{"label": np.int32(1), "name": "fg", "voxels": np.int64(3), "volume_ml": np.float32(0.5),
-                             "mean": float("nan"), "std": np.float64(1.0), "bbox": np.arange(6)}],
+                             "mean": float("nan"), "std": np.float64(1.0), "bbox": np.arange(6).reshape(2, 3)}],
            "lesion_candidates": []}
     doc = assemble_record("k", {"segment": seg}, {}, {})
     validate_report(doc)

@@ -1,0 +1,211 @@
+"""The ``medpipe`` command line.
+
+Exit status of ``medpipe run`` (docs/cli.md): 0 every study ok or skipped, 1 one or more studies
+failed (listed on stderr and in run.json), 2 bad usage or configuration, 3 the run itself failed
+(missing archive, invalid model, output folder locked by another run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from medpipe import __version__
+from medpipe.outputs import EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _quiet(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medpipe", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"medpipe {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's and Dask's logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="process an archive (embedded Prefect, local Dask cluster)",
+                         description="Process every study of ARCHIVE into OUT. " + __doc__.split("\n\n")[1])
+    run.add_argument("archive", type=Path, help="folder of DICOM files (any nesting)")
+    run.add_argument("--out", type=Path, required=True, help="output folder (see docs/output-contract.md)")
+    _cluster_args(run)
+    run.add_argument("--force", action="store_true", help="reprocess studies that are unchanged")
+    run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="list studies and series found, and what would be processed")
+    plan.add_argument("archive", type=Path)
+    plan.add_argument("--config", type=Path, help="YAML/JSON/TOML configuration file")
+    plan.set_defaults(func=cmd_plan)
+
+    sample = sub.add_parser("sample-archive", help="write the sample archive (MR, CT phantom, real files)")
+    sample.add_argument("dest", type=Path)
+    sample.set_defaults(func=cmd_sample)
+
+    train = sub.add_parser("train", help="train the default model on generated phantom data")
+    train.add_argument("--out", type=Path, default=None, help="model folder (default: the packaged model)")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate the model on a labelled archive")
+    ev.add_argument("archive", type=Path)
+    ev.add_argument("--labels", type=Path, required=True, help="CSV or JSON: study UID or key -> 0/1")
+    ev.add_argument("--out", type=Path, default=Path("evaluation"))
+    ev.add_argument("--config", type=Path)
+    ev.set_defaults(func=cmd_evaluate)
+
+    serve = sub.add_parser("serve", help="serve the archive flow as a nightly Prefect deployment")
+    serve.add_argument("--archive", type=Path, required=True)
+    serve.add_argument("--out", type=Path, required=True)
+    serve.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
+    serve.add_argument("--cron", default=None, help="cron schedule (default from config: 0 2 * * *)")
+    serve.add_argument("--timezone", default=None, help="IANA time zone of the schedule (default UTC)")
+    serve.add_argument("--port", type=int, default=4200, help="port of the embedded Prefect server and UI")
+    _cluster_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    schema = sub.add_parser("report-schema", help="print the JSON Schema of report.json")
+    schema.set_defaults(func=cmd_report_schema)
+    return p
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML/JSON/TOML configuration file")
+    p.add_argument("--workers", type=int, help="Dask worker processes of the local cluster (default 2)")
+    p.add_argument("--cluster", choices=["local", "cuda"], help="local processes, or one worker per GPU")
+    p.add_argument("--dask-address", help="tcp://HOST:PORT of an existing Dask scheduler")
+
+
+def _quiet(verbose: bool) -> None:
+    """Keep the terminal to progress and results unless --verbose (workers inherit this)."""
+    level = "INFO" if verbose else "WARNING"
+    # Only the console handler is quietened: the Prefect UI keeps every run's full logs.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO" if verbose else "CRITICAL")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", level.lower())
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    ours = logging.getLogger("medpipe")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO if verbose else logging.WARNING)
+    ours.propagate = False
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    cluster: dict[str, Any] = {}
+    if getattr(args, "workers", None):
+        cluster["workers"] = args.workers
+    if getattr(args, "cluster", None):
+        cluster["kind"] = args.cluster
+    if getattr(args, "dask_address", None):
+        cluster.update(kind="address", address=args.dask_address)
+    return {"cluster": cluster} if cluster else {}
+
+
+def _load_config(args: argparse.Namespace):
+    from medpipe.config import Config
+    from medpipe.errors import ConfigError
+
+    try:
+        return Config.load(getattr(args, "config", None), overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"medpipe: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)  # fail on a bad configuration before starting anything
+    if not args.archive.is_dir():
+        print(f"medpipe: {args.archive}: archive folder not found", file=sys.stderr)
+        return EXIT_USAGE
+    from flows.archive import process_archive
+    from flows.server import prefect_api
+
+    from .terminal import RunDisplay
+
+    with RunDisplay() as display, prefect_api():
+        display.note(f"Prefect API: {os.environ.get('PREFECT_API_URL')}")
+        try:
+            run = process_archive(archive=str(args.archive), out=str(args.out),
+                                  config=cfg.model_dump(mode="json"), force=args.force)
+        except Exception as exc:
+            display.fail(f"run failed: {type(exc).__name__}: {exc}")
+            return EXIT_RUN_FAILED
+    display.summary(run, args.out)
+    return exit_code(run["studies"])
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    from medpipe.ingest import format_plan, plan_studies, scan_archive
+
+    if not args.archive.is_dir():
+        print(f"medpipe: {args.archive}: archive folder not found", file=sys.stderr)
+        return EXIT_USAGE
+    scan = scan_archive(args.archive, cfg.ingest)
+    print(format_plan(plan_studies(scan, cfg.ingest), scan.issues))
+    return EXIT_OK
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from medpipe.sample import write_sample_archive
+
+    summary = write_sample_archive(args.dest)
+    print(json.dumps(summary, indent=2, default=str))
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medpipe.inference.train import train_default
+
+    kwargs: dict[str, Any] = {"seed": args.seed}
+    if args.epochs:
+        kwargs["epochs"] = args.epochs
+    out = args.out
+    if out is None:
+        from medpipe.inference.model import DEFAULT_MODEL
+
+        out = DEFAULT_MODEL.parent
+    card = train_default(out, **kwargs)
+    print(json.dumps(card.get("metrics", card), indent=2, default=str))
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    from medpipe.inference.evaluate import evaluate_archive
+
+    result = evaluate_archive(args.archive, args.labels, args.out, cfg)
+    print(json.dumps(result.get("metrics", result), indent=2, default=str))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    from flows.deployment import serve
+
+    return serve(args, cfg)
+
+
+def cmd_report_schema(args: argparse.Namespace) -> int:
+    from medpipe.report import report_schema
+
+    print(json.dumps(report_schema(), indent=2))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

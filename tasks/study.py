@@ -1,0 +1,91 @@
+"""One Prefect task per stage of a study. Each reads and writes the study's staging folder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from medpipe.config import Config
+from medpipe.errors import InputError, ModelError, StudyError
+
+from .dask_client import cluster_client
+
+log = logging.getLogger("medpipe")
+
+
+def retry_transient(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
+    """Retry failures that may pass (a lost worker, I/O hiccups), not bad input or bad models."""
+    try:
+        state.result()
+    except (InputError, StudyError, ModelError, ValueError, TypeError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+# Results are not cached by Prefect: a study is skipped or redone from the fingerprints of its
+# inputs stored with its published outputs (medpipe.outputs), which survive across runs and
+# servers. Hashing file lists as Prefect cache keys would only repeat that work.
+STAGE = dict(cache_policy=NO_CACHE, retry_condition_fn=retry_transient, persist_result=False)
+
+
+def _timed(fn, *args: Any) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with cluster_client():
+        result = fn(*args)
+    result = dict(result)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+@task(name="discover", cache_policy=NO_CACHE, persist_result=False, retries=1)
+def discover(archive: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Scan the archive's headers on the cluster and plan one series per study."""
+    from medpipe.ingest import plan_studies, scan_archive
+
+    cfg = Config.model_validate(config)
+    with cluster_client():
+        scan = scan_archive(Path(archive), cfg.ingest)
+    plans = plan_studies(scan, cfg.ingest)
+    log.info("found %d studies, %d file problems in %s", len(plans), len(scan.issues), archive)
+    return {"plans": [p.to_dict() for p in plans], "issues": [i.to_dict() for i in scan.issues]}
+
+
+@task(name="ingest", task_run_name="ingest-{plan[study_key]}", **STAGE)
+def ingest(plan: dict[str, Any], staging: str, config: dict[str, Any]) -> dict[str, Any]:
+    from medpipe.ingest import StudyPlan, ingest_study
+
+    cfg = Config.model_validate(config)
+    Path(staging).mkdir(parents=True, exist_ok=True)
+    return _timed(ingest_study, StudyPlan.from_dict(plan), Path(staging), cfg.ingest)
+
+
+@task(name="filter", task_run_name="filter-{study_key}", **STAGE)
+def filter_(study_key: str, ingested: dict[str, Any], staging: str, config: dict[str, Any]) -> dict[str, Any]:
+    from medpipe.ops.stage import filter_study
+
+    return _timed(filter_study, Path(staging), ingested["modality"], Config.model_validate(config))
+
+
+@task(name="segment", task_run_name="segment-{study_key}", **STAGE)
+def segment(study_key: str, filtered: dict[str, Any], ingested: dict[str, Any], staging: str,
+            config: dict[str, Any]) -> dict[str, Any]:
+    from medpipe.ops.stage import segment_study
+
+    return _timed(segment_study, Path(staging), ingested["modality"], Config.model_validate(config))
+
+
+@task(name="infer", task_run_name="infer-{study_key}", **STAGE)
+def infer(study_key: str, ingested: dict[str, Any], staging: str, config: dict[str, Any]) -> dict[str, Any]:
+    from medpipe.inference.stage import infer_study
+
+    cfg = Config.model_validate(config)
+    if not cfg.model.enabled:
+        return {"skipped": "inference disabled in the configuration"}
+    return _timed(infer_study, Path(staging), ingested["modality"], cfg)
