@@ -61,15 +61,28 @@ def property_codes(name: str) -> tuple[Any, Any]:
     return codes.SCT.Tissue, _TYPES.get(key, codes.SCT.Tissue)
 
 
+# Type 2 attributes of the patient and study modules that highdicom copies: they must be present
+# (possibly empty) in a source, or building SEG/SR fails on an AttributeError.
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+         "ReferringPhysicianName", "StudyID", "StudyDate", "StudyTime")
+
+
+def with_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` with every missing type 2 patient/study attribute present and empty."""
+    for keyword in TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
 def anonymize(ds: pydicom.Dataset, study_key: str) -> pydicom.Dataset:
     """A copy of ``ds`` without patient identity: PatientID becomes the study key."""
     out = copy.deepcopy(ds)
     for keyword, value in IDENTITY.items():
-        if keyword in out:
-            if value is None:
-                delattr(out, keyword)
-            else:
-                setattr(out, keyword, value)
+        if value is not None:
+            setattr(out, keyword, value)
+        elif keyword in out:
+            delattr(out, keyword)
     out.PatientID = study_key
     out.PatientIdentityRemoved = "YES"
     out.remove_private_tags()
@@ -216,6 +229,7 @@ def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
         ordered, flips = match_slices(sources, meta.affine, meta.shape)
         if not rc.include_patient_identity:
             ordered = [anonymize(ds, record["study_key"]) for ds in ordered]
+        ordered = [with_type2(ds) for ds in ordered]
     except Exception as exc:
         return written, [f"DICOM SEG/SR not written: {exc}"]
 
