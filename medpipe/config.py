@@ -75,7 +75,7 @@ class FilterConfig(_Section):
 
     pipelines: dict[str, list[FilterStep]] = Field(default_factory=_default_filters)
     work_chunk_mb: float = Field(
-        128.0, ge=1.0, description="Size of the z-slabs operators compute on (halo overhead vs memory)."
+        256.0, ge=1.0, description="Size of the z-slabs operators compute on (halo overhead vs memory)."
     )
 
     def for_modality(self, modality: str) -> list[FilterStep]:

@@ -52,8 +52,8 @@ def check_structure(structure: Any, ndim: int) -> np.ndarray:
 
 def _label_block(block: Any, structure: np.ndarray) -> Any:
     xp = get_xp(block)
-    lab, _ = get_ndi(block).label(block, structure=xp.asarray(structure))
-    return lab.astype(xp.int32, copy=False)
+    lab, _ = get_ndi(block).label(block, structure=xp.asarray(structure), output=xp.int32)
+    return lab
 
 
 def _block_max(block: Any) -> Any:
@@ -121,13 +121,9 @@ def label(image: Any, structure: Any = None) -> tuple[Any, int]:
 
     local = image.map_blocks(_label_block, structure=structure, dtype=np.int32)
     (local,) = dask.persist(local)
-    counts = _host(local.map_blocks(_block_max, chunks=(1,) * image.ndim, dtype=np.int64).compute())
-    offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)
-    total = int(counts.sum())
-    if total == 0:
-        return local, 0
 
-    # Two-voxel slabs on every interior chunk boundary, in global label numbers.
+    # One round trip: each block's label count and the two-voxel slabs on every interior
+    # chunk boundary (in block-local numbers; offsets are added on the host).
     slabs, where = [], []
     for axis, sizes in enumerate(image.chunks):
         bounds = np.cumsum(sizes)[:-1]
@@ -136,7 +132,14 @@ def label(image: Any, structure: Any = None) -> tuple[Any, int]:
             index[axis] = slice(int(p) - 1, int(p) + 1)
             slabs.append(local[tuple(index)])
             where.append((axis, block_index))
-    slab_values = dask.compute(*slabs) if slabs else ()
+    maxima = local.map_blocks(_block_max, chunks=(1,) * image.ndim, dtype=np.int64)
+    counts, *slab_values = dask.compute(maxima, *slabs)
+    counts = _host(counts)
+    offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)
+    total = int(counts.sum())
+    if total == 0:
+        return local, 0
+
     pairs = []
     for (axis, b), slab in zip(where, slab_values):
         slab = _host(slab).astype(np.int64)

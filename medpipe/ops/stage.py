@@ -30,13 +30,13 @@ log = logging.getLogger(__name__)
 FILTERED = "filtered.zarr"
 
 
-def working_chunks(shape: tuple[int, ...], itemsize: int, workers: int = 2, target_mb: float = 128.0) -> tuple[int, ...]:
+def working_chunks(shape: tuple[int, ...], itemsize: int, workers: int = 2, target_mb: float = 256.0) -> tuple[int, ...]:
     """Compute chunks: slabs along z spanning whole slices, as many as a multiple of ``workers``.
 
     Large slabs keep the halo small relative to the block (a Gaussian of sigma 2 reaches 8
     voxels) while every worker gets the same number of blocks.
 
-    >>> working_chunks((320, 512, 512), 4, workers=2, target_mb=128)
+    >>> working_chunks((320, 512, 512), 4, workers=2, target_mb=128.0)
     (80, 512, 512)
     >>> working_chunks((1, 64, 64), 4)
     (1, 64, 64)
