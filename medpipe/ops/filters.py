@@ -276,18 +276,18 @@ def resample(
 
 
 def _resample_block(block: Any, factors: np.ndarray, start: np.ndarray, out_shape: tuple[int, ...],
-                    order: int, mode: str, full_shape: tuple[int, ...]) -> Any:
+                    order: int, mode: str) -> Any:
     xp = get_xp(block)
-    if mode in ("nearest", "constant"):
-        return get_ndi(block).affine_transform(block, xp.asarray(factors), offset=xp.asarray(start),
-                                               output_shape=out_shape, order=order, mode=mode)
-    raise ValueError(f"resample mode {mode!r} not supported on Dask arrays; use 'nearest' or 'constant'")
+    return get_ndi(block).affine_transform(block, xp.asarray(factors), offset=xp.asarray(start),
+                                           output_shape=out_shape, order=order, mode=mode)
 
 
 def _resample_dask(image: da.Array, factors: np.ndarray, shape: tuple[int, ...], order: int, mode: str) -> da.Array:
     """Each output block from the input region it needs (its coordinates' range +- order + 1)."""
     if order > 1:
         raise ValueError("resample of Dask arrays supports order 0 or 1 (no global spline prefilter)")
+    if mode not in ("nearest", "constant"):
+        raise ValueError(f"resample mode {mode!r} not supported on Dask arrays; use 'nearest' or 'constant'")
     out_chunks = tuple(da.core.normalize_chunks(min(c[0], n), (n,))[0] for c, n in zip(image.chunks, shape))
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in out_chunks]
     blocks = np.empty([len(c) for c in out_chunks], dtype=object)
@@ -303,5 +303,5 @@ def _resample_dask(image: da.Array, factors: np.ndarray, shape: tuple[int, ...],
         # because the piece reaches the true edge wherever a coordinate falls outside it.
         blocks[idx] = piece.rechunk(piece.shape).map_blocks(
             _resample_block, factors=factors, start=o0 * factors - lo, out_shape=size, order=order,
-            mode=mode, full_shape=image.shape, chunks=size, dtype=image.dtype)
+            mode=mode, chunks=size, dtype=image.dtype)
     return da.block(blocks.tolist())
