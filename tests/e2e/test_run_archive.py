@@ -1,0 +1,155 @@
+"""End to end: ``medpipe run`` on the sample archive plus a broken study, through the real CLI.
+
+Real components throughout: the console script, an embedded ``prefect server start`` on
+loopback, a Dask LocalCluster of two worker processes, Zarr stores on disk, TensorFlow with
+the committed default model. The first run is shared by the checks of the output contract;
+the reruns check incremental behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import zarr
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from medpipe.keys import study_key
+
+pytestmark = pytest.mark.slow
+
+MEDPIPE = str(Path(sys.executable).with_name("medpipe"))
+
+
+def write_undecodable_study(folder: Path) -> str:
+    """A JPEG 2000 image whose codestream header is wiped: scans fine, cannot be decoded."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
+    data = bytearray(ds.PixelData)
+    soc = data.find(b"\xff\x4f\xff\x51")  # start of codestream + SIZ marker
+    data[soc + 4: soc + 40] = b"\x00" * 36
+    ds.PixelData = bytes(data)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    folder.mkdir(parents=True)
+    ds.save_as(folder / "broken.dcm")
+    return ds.StudyInstanceUID
+
+
+def medpipe(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the embedded server
+    return subprocess.run([MEDPIPE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("archive")
+    done = medpipe("sample-archive", str(root))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    broken_uid = write_undecodable_study(root / "incoming" / "broken")
+    (root / "notes.txt").write_text("not a DICOM file")
+    return {"root": root, "summary": summary, "broken_key": study_key(broken_uid)}
+
+
+@pytest.fixture(scope="module")
+def first_run(archive: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("out")
+    done = medpipe("run", str(archive["root"]), "--out", str(out), "--workers", "2")
+    return {"out": out, "proc": done, "run": json.loads((out / "run.json").read_text())}
+
+
+def test_exit_status_and_failures_listed(first_run: dict, archive: dict) -> None:
+    proc = first_run["proc"]
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one study failed: documented status 1
+    assert f"{archive['broken_key']}:" in proc.stderr
+    assert "decode" in proc.stderr.lower()
+
+
+def test_run_json_contract(first_run: dict, archive: dict) -> None:
+    run = first_run["run"]
+    for field in ("run_id", "started", "finished", "versions", "parameters", "studies", "issues"):
+        assert field in run
+    assert {"medpipe", "prefect", "dask", "zarr", "pydicom"} <= set(run["versions"])
+    statuses = {s["study_key"]: s for s in run["studies"]}
+    expected = {s["study_key"] for s in archive["summary"]["studies"]} | {archive["broken_key"]}
+    assert set(statuses) == expected
+    assert statuses[archive["broken_key"]]["status"] == "failed"
+    assert "decode" in statuses[archive["broken_key"]]["error"].lower()
+    ok = [s for s in run["studies"] if s["study_key"] != archive["broken_key"]]
+    assert all(s["status"] == "ok" and s["output"] == f"studies/{s['study_key']}" for s in ok), ok
+    assert any("notes.txt" in i["path"] for i in run["issues"])  # a non-DICOM file is explained
+    assert (first_run["out"] / "run.html").is_file()
+    assert not (first_run["out"] / ".work").exists() or not any((first_run["out"] / ".work").iterdir())
+
+
+def test_study_folders(first_run: dict, archive: dict) -> None:
+    out = first_run["out"]
+    for study in archive["summary"]["studies"]:
+        folder = out / "studies" / study["study_key"]
+        assert re.fullmatch(r"[0-9a-f]{16}", folder.name)  # a hash, never a UID or a name
+        report = json.loads((folder / "report.json").read_text())
+        assert report["study_key"] == study["study_key"] and report["status"] == "ok"
+        assert report["modality"] == study["modality"]
+        for key in ("shape", "spacing", "series", "timings", "segmentation", "model", "warnings"):
+            assert key in report, key
+        assert {"ingest", "filter", "segment"} <= set(report["timings"])
+        for m in report["segmentation"]["measurements"]:
+            assert {"name", "voxels", "volume_ml"} <= set(m)
+        html = (folder / "report.html").read_text()
+        assert "<img" in html and study["study_key"] in html
+
+        image = zarr.open_group(str(folder / "image.zarr"), mode="r")
+        assert image.metadata.zarr_format == 3
+        ome = image.attrs["ome"]
+        assert ome["version"] == "0.5"
+        axes = ome["multiscales"][0]["axes"]
+        assert [a["name"] for a in axes] == ["z", "y", "x"] and {a["unit"] for a in axes} == {"millimeter"}
+        scale = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+        assert np.allclose(scale, report["spacing"])
+        assert np.asarray(image.attrs["medpipe"]["affine_lps"]).shape == (4, 4)
+        assert list(image["0"].shape) == report["shape"]
+        assert "segmentation" in image["labels"].attrs["ome"]["labels"]
+
+
+def test_ct_phantom_in_hounsfield_units_and_lesions_found(first_run: dict, archive: dict) -> None:
+    ct = next(s for s in archive["summary"]["studies"] if s["name"] == "phantom_ct")
+    folder = first_run["out"] / "studies" / ct["study_key"]
+    volume = zarr.open_array(str(folder / "image.zarr" / "0"), mode="r")[:]
+    assert -1100 < float(np.percentile(volume, 1)) < -900  # air
+    assert 650 < float(volume.max()) < 800  # bone at 700 HU plus noise
+    report = json.loads((folder / "report.json").read_text())
+    found = sorted(c["volume_ml"] for c in report["segmentation"]["lesion_candidates"])
+    assert np.allclose(found, sorted(ct["truth_lesion_volumes_ml"]), rtol=0.05)
+    assert report["model"]["outputs"]["study_label"] == "lesion"
+
+
+def test_rerun_skips_unchanged_and_keeps_outputs(first_run: dict, archive: dict) -> None:
+    out = first_run["out"]
+    ct = next(s for s in archive["summary"]["studies"] if s["name"] == "phantom_ct")
+    before = (out / "studies" / ct["study_key"] / "report.json").read_bytes()
+    # Change one MR slice: that study alone must be redone.
+    mr = next(s for s in archive["summary"]["studies"] if s["name"] == "brain_mr")
+    mr_file = next(p for p in sorted((archive["root"] / mr["folder"]).iterdir()) if p.is_file())
+    ds = pydicom.dcmread(mr_file)
+    arr = ds.pixel_array.copy()
+    arr[0, 0] += 1
+    ds.PixelData = arr.tobytes()
+    ds.save_as(mr_file)
+
+    done = medpipe("run", str(archive["root"]), "--out", str(out), "--workers", "2")
+    assert done.returncode == 1, done.stderr  # the broken study is retried and fails again
+    run = json.loads((out / "run.json").read_text())
+    status = {s["study_key"]: s["status"] for s in run["studies"]}
+    assert status[mr["study_key"]] == "ok"
+    assert status[archive["broken_key"]] == "failed"
+    unchanged = [s["study_key"] for s in archive["summary"]["studies"] if s["study_key"] != mr["study_key"]]
+    assert all(status[k] == "skipped" for k in unchanged), status
+    assert (out / "studies" / ct["study_key"] / "report.json").read_bytes() == before
