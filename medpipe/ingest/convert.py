@@ -1,14 +1,29 @@
 """Conversion: one planned series into ``image.zarr`` (OME-Zarr 0.5), streamed slab by slab.
 
+Storage type
+------------
+Values are physical (HU for CT). When every slice's rescale has an integral slope and
+intercept (CT: slope 1, intercept -1024) they are integers and are stored as int16, half the
+bytes of float32; a value outside int16's range, or any fractional rescale, means float32.
+``attributes.medpipe`` records ``units`` and ``dtype``.
+
 Memory bound
 ------------
 The volume is never held whole. It is written in *slabs*: the slices of one Zarr chunk layer
-(``chunks[0]`` slices, e.g. 16 slices of 512x512 at the default ``chunk_mb=4``). One slab task
-holds its float32 slab, one decoded slice (or frame) and its dataset, and the compressed chunks
-being written: about ``3 * chunk_mb * ceil(Y/256) * ceil(X/256)`` MiB plus one file, i.e. about
-50 MiB for 512x512 CT at the defaults, per concurrently running task (one per worker thread),
-independent of the number of slices and studies. The pyramid is built from the Zarr level by
-Dask over chunks, within the same bound.
+(``chunks[0]`` slices, e.g. 32 slices of 512x512 int16 at the default ``chunk_mb=4``). One slab
+task decodes its slices into the slab, writes it, then writes the slab's share of each pyramid
+level (downsampled from the slab in memory: level 0 is never read back). The chunk depth is a
+multiple of the pyramid's z reduction, so every task owns whole chunks at every level and
+concurrent writers never share one. A task holds the slab, one decoded slice (or file) and the
+compressed chunks being written: about ``3 * chunk_mb * ceil(Y/256) * ceil(X/256)`` MiB plus one
+file, i.e. about 50 MiB for 512x512 CT at the defaults, per concurrently running task (one per
+worker thread), independent of the number of slices and studies.
+
+Speed
+-----
+The scan's header facts travel in the plan (``StudyPlan.headers``), so headers are parsed once;
+native little-endian monochrome pixels are read with NumPy at the offset the scan found
+(checked against the PixelData tag), other transfer syntaxes are decoded by pydicom.
 """
 
 from __future__ import annotations
@@ -26,15 +41,30 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from ..config import IngestConfig
 from ..errors import InputError, StudyError
-from ..omezarr import build_pyramid, choose_chunks, create_image
+from ..omezarr import choose_chunks, create_image, create_levels, downsample, pyramid_factors
 from .deid import source_facts
-from .geometry import Frame, build_geometry, read_frames
+from .geometry import Frame, build_geometry, frames_from_columns, read_frames
 from .plan import StudyPlan
 
 log = logging.getLogger(__name__)
 
 UNITS = {"CT": "HU", "PT": "BQML"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_INT16 = np.iinfo(np.int16)
+_PIXEL_TAG = b"\xe0\x7f\x10\x00"
+
+
+class _Opaque:
+    """Hides a list of frames from Dask, which would otherwise walk every dataclass and array in it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+class _OutOfRange(Exception):
+    """An integral value does not fit int16: the study is written again as float32."""
 
 
 def _ensure_transfer_syntax(ds: pydicom.Dataset) -> None:
@@ -49,21 +79,93 @@ def _ensure_transfer_syntax(ds: pydicom.Dataset) -> None:
     )
 
 
-def decode_frame(ds: pydicom.Dataset, frame: Frame) -> np.ndarray:
-    """One frame in physical units (float32, 2-D): rescaled; RGB reduced to luminance."""
-    if frame.index is None:
-        arr = ds.pixel_array
-    else:
-        arr = pydicom.pixels.pixel_array(ds, index=frame.index)
-    arr = np.asarray(arr)
-    if frame.samples > 1:  # RGB (pydicom converts YBR to RGB): one grey channel, ITU-R BT.601 luma
-        arr = arr[..., :3].astype(np.float32) @ _LUMA
-    out = arr.astype(np.float32, copy=False)
+def storage_dtype(frames: list[Frame]) -> np.dtype:
+    """int16 when every frame's rescale keeps stored integers integral (grey images), else float32."""
+    integral = all(f.samples == 1 and float(f.slope).is_integer() and float(f.intercept).is_integer()
+                   for f in frames)
+    return np.dtype(np.int16 if integral else np.float32)
+
+
+def _read_raw(frame: Frame) -> np.ndarray | None:
+    """Native pixels read with NumPy at the scan's offset; None when the file no longer matches."""
+    offset, bits, stored, signed = frame.raw  # type: ignore[misc]
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    n = frame.rows * frame.columns
+    with open(frame.path, "rb") as fp:
+        fp.seek(max(offset - 12, 0))
+        head = fp.read(min(offset, 12))
+        # explicit VR: tag, VR, reserved, length (12 bytes); implicit VR: tag, length (8 bytes)
+        if not (head[:4] == _PIXEL_TAG or head[-8:-4] == _PIXEL_TAG):
+            return None
+        arr = np.fromfile(fp, dtype=dtype, count=n)
+    if arr.size != n:
+        return None
+    if stored < bits:  # as pydicom does: ignore the unused high bits (sign-extending if signed)
+        shift = bits - stored
+        np.left_shift(arr, shift, out=arr)
+        np.right_shift(arr, shift, out=arr)
+    return arr.reshape(frame.rows, frame.columns)
+
+
+def decode_stored(ds: pydicom.Dataset | None, frame: Frame) -> np.ndarray:
+    """One frame's stored values (2-D); RGB reduced to luminance (float32). ``ds`` may be None
+    when ``frame.raw`` says where NumPy can read the pixels."""
+    arr = _read_raw(frame) if frame.raw is not None else None
+    if arr is None:
+        if ds is None:
+            ds = _read_pixels(frame.path)
+        if frame.index is None:
+            arr = ds.pixel_array
+        else:
+            arr = pydicom.pixels.pixel_array(ds, index=frame.index)
+        arr = np.asarray(arr)
+        if frame.samples > 1:  # RGB (pydicom converts YBR to RGB): one grey channel, ITU-R BT.601 luma
+            arr = arr[..., :3].astype(np.float32) @ _LUMA
+    if arr.shape != (frame.rows, frame.columns):
+        raise InputError(frame.path, f"decoded frame has shape {arr.shape}, header says {(frame.rows, frame.columns)}")
+    return arr
+
+
+def to_physical(stored: np.ndarray, frame: Frame, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """Rescaled values as ``dtype``: exact integers for int16 (raises ``_OutOfRange``), else float32.
+
+    For int16 the rescale runs in int16 arithmetic, which wraps modulo 2**16: exact whenever
+    the results fit, which the stored extremes decide before anything is computed.
+    """
+    if dtype == np.int16:
+        slope, intercept = int(frame.slope), int(frame.intercept)
+        if stored.size:
+            lo, hi = int(stored.min()), int(stored.max())
+            ends = (lo * slope + intercept, hi * slope + intercept)
+            if min(ends) < _INT16.min or max(ends) > _INT16.max:
+                raise _OutOfRange(frame.path)
+        if out is None:
+            out = np.empty(stored.shape, np.int16)
+        if stored.dtype.itemsize > 2:  # values may exceed 16 bits; results fit: reduce first
+            stored = stored.astype(np.int64)
+        np.copyto(out, stored, casting="unsafe")
+        if slope != 1:
+            np.multiply(out, _wrap16(slope), out=out)
+        if intercept != 0:
+            np.add(out, _wrap16(intercept), out=out)
+        return out
+    res = stored.astype(np.float32, copy=False)
     if frame.slope != 1.0 or frame.intercept != 0.0:
-        out = out * np.float32(frame.slope) + np.float32(frame.intercept)
-    if out.shape != (frame.rows, frame.columns):
-        raise InputError(frame.path, f"decoded frame has shape {out.shape}, header says {(frame.rows, frame.columns)}")
-    return out
+        res = res * np.float32(frame.slope) + np.float32(frame.intercept)
+    if out is not None:
+        out[...] = res
+        return out
+    return res
+
+
+def _wrap16(value: int) -> np.int16:
+    """``value`` modulo 2**16 as an int16 scalar (exact in int16 arithmetic)."""
+    return np.array(value % 2**16, np.uint16).view(np.int16)[()]
+
+
+def decode_frame(ds: pydicom.Dataset | None, frame: Frame) -> np.ndarray:
+    """One frame in physical units (float32, 2-D): rescaled; RGB reduced to luminance."""
+    return to_physical(decode_stored(ds, frame), frame, np.dtype(np.float32))
 
 
 def _read_pixels(path: str) -> pydicom.Dataset:
@@ -72,34 +174,91 @@ def _read_pixels(path: str) -> pydicom.Dataset:
     return ds
 
 
-def write_slab(level0: str, z0: int, frames: list[Frame]) -> int:
-    """Decode ``frames`` into a slab and write it at ``z0`` of the Zarr array at ``level0``.
+def write_slab(levels: list[str], z0: int, frames: list[Frame] | _Opaque, dtype: str,
+               factors: list[tuple[int, int, int]]) -> tuple[list[tuple[int, str]], bool]:
+    """Decode ``frames`` into a slab, write it at ``z0`` of level 0 and its share of each level below.
 
-    The slab covers whole chunks, so concurrent slab writers never share a chunk.
+    ``levels`` are the paths of the pyramid's arrays, level 0 first; ``factors`` the reductions
+    between them. The slab covers whole chunks at every level, so concurrent slab writers never
+    share a chunk. Returns ``(slab index, reason)`` for each frame that could not be decoded
+    (left at 0), and whether a value did not fit int16 (then nothing is written). Nothing is
+    raised, so that every slab task has finished when the caller decides what to do.
     """
+    frames = frames.value if isinstance(frames, _Opaque) else frames
     first = frames[0]
-    slab = np.empty((len(frames), first.rows, first.columns), np.float32)
-    cache: tuple[str, pydicom.Dataset] | None = None  # consecutive frames of one multi-frame file
+    slab = np.zeros((len(frames), first.rows, first.columns), dtype)
+    failed: list[tuple[int, str]] = []
+    cache: tuple[str, pydicom.Dataset | None] | None = None  # consecutive frames of one multi-frame file
     for k, frame in enumerate(frames):
         try:
-            if cache is None or cache[0] != frame.path:
+            if frame.raw is None and (cache is None or cache[0] != frame.path):
                 cache = (frame.path, _read_pixels(frame.path))
-            slab[k] = decode_frame(cache[1], frame)
-        except InputError:
-            raise
+            ds = cache[1] if cache is not None and cache[0] == frame.path else None
+            to_physical(decode_stored(ds, frame), frame, slab.dtype, out=slab[k])
+        except _OutOfRange:
+            return failed, True
+        except InputError as exc:
+            failed.append((k, exc.reason))
         except Exception as exc:  # decoders raise many types; all mean the same for us
-            raise InputError(frame.path, f"cannot decode pixel data: {type(exc).__name__}: {exc}") from None
-    zarr.open_array(level0, mode="r+")[z0 : z0 + len(frames)] = slab
-    return len(frames)
+            failed.append((k, f"cannot decode pixel data: {type(exc).__name__}: {exc}"))
+    zarr.open_array(levels[0], mode="r+")[z0 : z0 + len(frames)] = slab
+    block = slab
+    for path, f in zip(levels[1:], factors):
+        block = downsample(block, f)
+        z0 //= f[0]
+        if block.shape[0]:
+            zarr.open_array(path, mode="r+")[z0 : z0 + block.shape[0]] = block
+    return failed, False
+
+
+def _write_volume(image_path: Path, geo: Any, dtype: np.dtype, cfg: IngestConfig,
+                  attrs: dict[str, Any]) -> tuple[tuple[int, int, int], list[tuple[Frame, str]]]:
+    """Create the image and its pyramid and stream every slab into them, in parallel on Dask."""
+    chunks = choose_chunks(geo.shape, dtype.itemsize, cfg.chunk_mb)
+    factors = pyramid_factors(geo.shape, cfg.pyramid_levels)
+    z_steps = np.cumprod([f[0] for f in factors]).tolist()
+    total = z_steps[-1] if z_steps else 1
+    depth = chunks[0]
+    if depth < geo.shape[0]:  # a multiple of the z reduction: whole chunks at every level
+        depth = max(total, depth // total * total)
+    chunks = (depth, *chunks[1:])
+    create_image(image_path, geo.shape, dtype, geo.spacing, geo.affine, chunks=chunks,
+                 attrs={**attrs, "dtype": dtype.name})
+    create_levels(image_path, cfg.pyramid_levels, z_chunks=[max(1, depth // z) for z in z_steps])
+    levels = [str(image_path / str(i)) for i in range(len(factors) + 1)]
+    write = dask.delayed(write_slab, pure=False)
+    tasks = [write(levels, z0, _Opaque(geo.frames[z0 : z0 + depth]), dtype.name, factors)
+             for z0 in range(0, geo.shape[0], depth)]
+    results = dask.compute(*tasks)
+    if any(overflow for _, overflow in results):
+        raise _OutOfRange(image_path)
+    failed = [(geo.frames[z0 + k], reason) for z0, (res, _) in zip(range(0, geo.shape[0], depth), results)
+              for k, reason in res]
+    return chunks, failed
+
+
+def _study_frames(plan: StudyPlan) -> list[Frame]:
+    if plan.headers and len(plan.headers.get("rows", ())) == len(plan.files):
+        return frames_from_columns(plan.files, plan.headers)
+    frames: list[Frame] = []
+    for path in plan.files:
+        try:
+            more, _ = read_frames(path)
+        except Exception as exc:
+            raise StudyError(plan.study_key, f"{path}: unreadable header: {exc}") from None
+        frames.extend(more)
+    return frames
 
 
 def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: IngestConfig | None = None) -> dict[str, Any]:
     """Convert a study's chosen series into ``study_dir/image.zarr`` and describe the result.
 
     Slices are sorted along the slice normal, rescaled per slice (per frame for enhanced
-    multi-frame objects) to float32 physical values (HU for CT), and streamed slab by slab
-    into chunked, compressed Zarr in parallel on the active Dask scheduler; then a multiscale
-    pyramid is built. See the module docstring for the memory bound.
+    multi-frame objects) to physical values (HU for CT; int16 when integral, else float32),
+    and streamed slab by slab, with their multiscale pyramid, into chunked, compressed Zarr in
+    parallel on the active Dask scheduler. A slice whose pixels cannot be decoded is dropped
+    with a warning naming its file, as a gap (``on_inconsistency="refuse"`` refuses it). See
+    the module docstring for the memory bound and the storage type.
 
     Parameters
     ----------
@@ -112,34 +271,54 @@ def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: I
     -------
     dict
         JSON-safe: ``modality``, ``shape`` and ``spacing`` (z, y, x), ``affine_lps`` (4x4),
-        ``units``, ``series`` (key, cleaned description, counts, why selected, skipped series),
+        ``units``, ``dtype``, ``series`` (key, cleaned description, counts, why selected, skipped series),
         ``warnings``, ``issues`` and ``source`` (non-identifying technical facts only).
 
     Raises
     ------
     StudyError
-        The study has no usable series, an inconsistency is refused by configuration, or a
-        file of the series cannot be decoded (its path and the reason are in the message).
+        The study has no usable series, an inconsistency (or an undecodable slice) is refused
+        by configuration, or no file of the series can be decoded (path and reason in the
+        message).
     """
     cfg = cfg or IngestConfig()
     if isinstance(plan, dict):
         plan = StudyPlan.from_dict(plan)
     if not plan.files:
         raise StudyError(plan.study_key, plan.skip_reason or "no files to convert")
-    frames: list[Frame] = []
-    header = None
-    for path in plan.files:
-        try:
-            more, ds = read_frames(path)
-        except Exception as exc:
-            raise StudyError(plan.study_key, f"{path}: unreadable header: {exc}") from None
-        frames.extend(more)
-        header = header if header is not None else ds
-    geo = build_geometry(frames, plan.study_key, on_inconsistency=cfg.on_inconsistency,
-                         spacing_tolerance=cfg.spacing_tolerance)
+    frames = _study_frames(plan)
+    try:
+        header = pydicom.dcmread(plan.files[0], stop_before_pixels=True, force=True)
+    except Exception as exc:
+        raise StudyError(plan.study_key, f"{plan.files[0]}: unreadable header: {exc}") from None
     image_path = Path(study_dir) / "image.zarr"
-    chunks = choose_chunks(geo.shape, 4, cfg.chunk_mb)
     units = UNITS.get(plan.modality, "")
+    attrs = {"study_key": plan.study_key, "modality": plan.modality, "units": units, "series_key": plan.series_key}
+    dropped: list[str] = []
+    while True:
+        geo = build_geometry(frames, plan.study_key, on_inconsistency=cfg.on_inconsistency,
+                             spacing_tolerance=cfg.spacing_tolerance)
+        dtype = storage_dtype(geo.frames)
+        try:
+            chunks, failed = _write_volume(image_path, geo, dtype, cfg, attrs)
+        except _OutOfRange:
+            log.info("study %s: values beyond int16; writing float32", plan.study_key)
+            dtype = np.dtype(np.float32)
+            chunks, failed = _write_volume(image_path, geo, dtype, cfg, attrs)
+        if not failed:
+            break
+        # An undecodable slice is dropped and becomes a gap: the inconsistency policy decides.
+        first_path, first_reason = failed[0][0].path, failed[0][1]
+        if len(failed) == len(geo.frames):
+            raise StudyError(plan.study_key, f"{first_path}: {first_reason}")
+        if cfg.on_inconsistency == "refuse":
+            raise StudyError(plan.study_key, f"{first_path}: {first_reason} (slice would be dropped, leaving a "
+                                             "gap; ingest.on_inconsistency=refuse)")
+        bad = {id(f) for f, _ in failed}
+        dropped += [f"slice dropped, {reason}: {f.path}" for f, reason in failed]
+        for f, reason in failed:
+            log.warning("study %s: dropped slice %s: %s", plan.study_key, f.path, reason)
+        frames = [f for f in geo.frames if id(f) not in bad]
     series = {
         "series_key": plan.series_key,
         "description": plan.series_description,
@@ -148,20 +327,8 @@ def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: I
         "selected_because": plan.selected_because,
         "skipped": plan.skipped,
     }
-    arr = create_image(image_path, geo.shape, np.float32, geo.spacing, geo.affine, chunks=chunks,
-                       attrs={"study_key": plan.study_key, "modality": plan.modality, "units": units,
-                              "series_key": plan.series_key})
-    level0 = str(image_path / "0")
-    depth = arr.chunks[0]
-    tasks = [dask.delayed(write_slab, pure=False)(level0, z0, geo.frames[z0 : z0 + depth])
-             for z0 in range(0, geo.shape[0], depth)]
-    try:
-        dask.compute(*tasks)
-    except InputError as exc:
-        raise StudyError(plan.study_key, str(exc)) from None
-    build_pyramid(image_path, cfg.pyramid_levels)
     source = source_facts(header, keep_dates=cfg.keep_dates) if header is not None else {}
-    warnings = list(plan.warnings) + geo.warnings
+    warnings = list(plan.warnings) + dropped + geo.warnings
     if any(f.samples > 1 for f in geo.frames[:1]):
         warnings.append("RGB image converted to luminance (0.299 R + 0.587 G + 0.114 B)")
     if source.get("photometric") == "MONOCHROME1":
@@ -174,6 +341,7 @@ def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: I
         "spacing": list(geo.spacing),
         "affine_lps": geo.affine.tolist(),
         "units": units,
+        "dtype": dtype.name,
         "chunks": list(chunks),
         "series": series,
         "warnings": warnings,

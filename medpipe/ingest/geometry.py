@@ -39,6 +39,21 @@ class Frame:
     pixel_spacing: tuple[float, float] | None = None
     thickness: float | None = None
     spacing_between: float | None = None  # SpacingBetweenSlices, for frames without positions
+    raw: tuple[int, int, int, int] | None = None  # (offset, BitsAllocated, BitsStored, PixelRepresentation)
+
+
+def frames_from_columns(files: list[str], cols: dict[str, list[Any]]) -> list[Frame]:
+    """Frames of single-frame files from the scan's header facts (``StudyPlan.headers``)."""
+    tup = lambda v: tuple(v) if v is not None else None  # noqa: E731
+    return [
+        Frame(path, None, rows, columns, samples, float(rescale[0]), float(rescale[1]),
+              None if pos is None else np.asarray(pos, dtype=np.float64), tup(ori), tup(spacing),  # type: ignore[arg-type]
+              thick, between, tup(raw))  # type: ignore[arg-type]
+        for path, rows, columns, samples, rescale, pos, ori, spacing, thick, between, raw in zip(
+            files, cols["rows"], cols["columns"], cols["samples_per_pixel"], cols["rescale"], cols["position"],
+            cols["orientation"], cols["pixel_spacing"], cols["slice_thickness"], cols["spacing_between"],
+            cols["raw_pixels"], strict=True)
+    ]
 
 
 @dataclass

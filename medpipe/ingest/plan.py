@@ -44,6 +44,9 @@ class StudyPlan:
     warnings: list[str] = field(default_factory=list)
     issues: list[dict[str, Any]] = field(default_factory=list)
     skip_reason: str | None = None
+    # Header facts of ``files`` found by the scan, by column (see ``frame_columns``), so that
+    # conversion need not parse each header again; empty for enhanced multi-frame objects.
+    headers: dict[str, list[Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,7 +199,23 @@ def plan_study(study_uid: str, instances: list[Instance], issues: list[FileIssue
         skipped=skipped,
         warnings=warnings + chosen.warnings,
         issues=issue_dicts,
+        headers=frame_columns(chosen.instances),
     )
+
+
+HEADER_COLUMNS = ("rows", "columns", "samples_per_pixel", "rescale", "position", "orientation", "pixel_spacing",
+                  "slice_thickness", "spacing_between", "raw_pixels")
+
+
+def frame_columns(instances: list[Instance]) -> dict[str, list[Any]]:
+    """The scan's header facts of single-frame ``instances``, one list per field (compact JSON)."""
+    if any(i.n_frames != 1 or i.per_frame_groups for i in instances):
+        return {}
+    return {c: [_plain(getattr(i, c)) for i in instances] for c in HEADER_COLUMNS}
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
 
 
 def plan_studies(scan: ScanResult, cfg: IngestConfig | None = None) -> list[StudyPlan]:

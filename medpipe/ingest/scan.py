@@ -77,6 +77,13 @@ class Instance:
     pixel_spacing: tuple[float, float] | None = None
     slice_thickness: float | None = None
     transfer_syntax: str | None = None
+    # What conversion needs, so that it does not parse the header again (see ``frame_facts``):
+    spacing_between: float | None = None  # SpacingBetweenSlices
+    rescale: tuple[float, float] = (1.0, 0.0)  # RescaleSlope, RescaleIntercept
+    per_frame_groups: bool = False  # enhanced object: geometry and rescale per frame
+    # Native little-endian monochrome pixels: (byte offset of the value, BitsAllocated, BitsStored,
+    # PixelRepresentation), read directly with NumPy; None: decode with pydicom.
+    raw_pixels: tuple[int, int, int, int] | None = None
 
     @property
     def is_localizer(self) -> bool:
@@ -115,21 +122,31 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
 
 def _pixel_element_problem(fp: Any, size: int, ds: pydicom.Dataset) -> tuple[bool, str | None]:
     """Whether the file has pixel data and, if so, whether its declared length fits in the file."""
+    has, problem, _ = pixel_element(fp, size, ds)
+    return has, problem
+
+
+def pixel_element(fp: Any, size: int, ds: pydicom.Dataset) -> tuple[bool, str | None, int | None]:
+    """Like ``_pixel_element_problem``, plus the byte offset of native (not encapsulated)
+    little-endian PixelData's value, or None. ``fp`` must stand just after the header
+    (``dcmread(fp, stop_before_pixels=True)``)."""
     if any(t in ds for t in PIXEL_TAGS):  # read in full (e.g. small files without file meta)
-        return True, None
+        return True, None, None
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("TransferSyntaxUID") == DEFLATED:
         # The file position is inside the inflated stream: read the (rare) deflated file whole.
         full = pydicom.dcmread(fp.name, force=True)
-        return any(t in full for t in PIXEL_TAGS), None
+        return any(t in full for t in PIXEL_TAGS), None, None
     pos = fp.tell()
     head = fp.read(12)
     if len(head) < 8:
-        return False, None
+        return False, None, None
     group, elem = struct.unpack("<HH", head[:4])
     if (group, elem) not in PIXEL_TAGS:
-        return False, None
-    implicit = getattr(ds, "original_encoding", (False, True))[0]
+        return False, None, None
+    implicit, little = getattr(ds, "original_encoding", (False, True))
+    if not little:
+        return True, None, None  # big endian (retired): leave it to pydicom
     if implicit:
         length, header_len = struct.unpack("<I", head[4:8])[0], 8
     elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"UN"):
@@ -137,13 +154,30 @@ def _pixel_element_problem(fp: Any, size: int, ds: pydicom.Dataset) -> tuple[boo
     else:
         length, header_len = struct.unpack("<H", head[6:8])[0], 8
     if length == 0xFFFFFFFF:  # encapsulated (compressed): at least the item tags must follow
-        return True, None if size > pos + header_len + 8 else "truncated: encapsulated pixel data is empty"
+        return True, None if size > pos + header_len + 8 else "truncated: encapsulated pixel data is empty", None
     available = size - pos - header_len
     if available < length:
-        return True, f"truncated: pixel data declares {length} bytes, file holds {max(available, 0)}"
+        return True, f"truncated: pixel data declares {length} bytes, file holds {max(available, 0)}", None
     if length == 0:
-        return True, "pixel data is empty"
-    return True, None
+        return True, "pixel data is empty", None
+    return True, None, pos + header_len if (group, elem) == (0x7FE0, 0x0010) else None
+
+
+def _raw_pixels(ds: pydicom.Dataset, offset: int | None) -> tuple[int, int, int, int] | None:
+    """Where NumPy can read the pixels directly: one native monochrome frame of 8 or 16 bits."""
+    try:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        stored = int(ds.get("BitsStored", bits) or bits)
+        signed = int(ds.get("PixelRepresentation", 0) or 0)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        return None
+    photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    if (offset is None or n_frames != 1 or samples != 1 or bits not in (8, 16) or not 0 < stored <= bits
+            or signed not in (0, 1) or photometric not in ("MONOCHROME1", "MONOCHROME2")):
+        return None
+    return (int(offset), bits, stored, signed)
 
 
 def read_instance(path: str | Path, salt: str = "medpipe") -> Instance | FileIssue:
@@ -159,7 +193,7 @@ def read_instance(path: str | Path, salt: str = "medpipe") -> Instance | FileIss
     try:
         with open(path, "rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-            has_pixels, problem = _pixel_element_problem(fp, st.st_size, ds)
+            has_pixels, problem, offset = pixel_element(fp, st.st_size, ds)
     except (InvalidDicomError, EOFError) as exc:
         return FileIssue(spath, f"not a DICOM file ({exc})")
     except Exception as exc:  # pydicom raises many types on garbage; each is a bad file
@@ -208,7 +242,18 @@ def read_instance(path: str | Path, salt: str = "medpipe") -> Instance | FileIss
         pixel_spacing=spacing,  # type: ignore[arg-type]
         slice_thickness=float(thickness) if thickness not in (None, "") else None,
         transfer_syntax=str(meta.get("TransferSyntaxUID")) if meta is not None and "TransferSyntaxUID" in meta else None,
+        spacing_between=_float_or(ds.get("SpacingBetweenSlices")),
+        rescale=(_float_or(ds.get("RescaleSlope"), 1.0), _float_or(ds.get("RescaleIntercept"), 0.0)),
+        per_frame_groups="PerFrameFunctionalGroupsSequence" in ds,
+        raw_pixels=_raw_pixels(ds, offset),
     )
+
+
+def _float_or(value: Any, default: Any = None) -> Any:
+    try:
+        return float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
 
 
 def _int_or_none(value: Any) -> int | None:
