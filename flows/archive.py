@@ -19,7 +19,7 @@ from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 
 from medpipe import __version__
-from medpipe.config import Config
+from medpipe.config import Config, deep_merge
 from medpipe.outputs import (
     OutputLayout,
     clean_work,
@@ -74,16 +74,10 @@ def process_archive(
         overrides["cluster"] = {"kind": "address", "address": dask_address}
     if workers:
         overrides.setdefault("cluster", {})["workers"] = workers
-    cfg = Config.load(config_file, overrides=_merge(config or {}, overrides))
+    cfg = Config.load(config_file, overrides=deep_merge(config or {}, overrides))
     pipeline = run_pipeline.with_options(task_runner=task_runner(cfg.cluster))
     return pipeline(archive=str(Path(archive).resolve()), out=str(Path(out).resolve()),
                     config=cfg.model_dump(mode="json"))
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    from medpipe.config import deep_merge
-
-    return deep_merge(base, top)
 
 
 @flow(name="medpipe-pipeline")

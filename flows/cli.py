@@ -1,4 +1,4 @@
-"""The ``medpipe`` command line.
+"""medpipe: process medical imaging archives in batch (DICOM to OME-Zarr, filters, segmentation, inference, reports).
 
 Exit status of ``medpipe run`` (docs/cli.md): 0 every study ok or skipped, 1 one or more studies
 failed (listed on stderr and in run.json), 2 bad usage or configuration, 3 the run itself failed
