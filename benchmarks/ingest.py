@@ -6,7 +6,10 @@ measures, each phase in a fresh process so that peak memory is its own:
 * floor: pydicom reads every file and decodes its pixels into NumPy, writing nothing
   (the faster of 1 and ``--threads`` threads);
 * medpipe: ``scan_archive`` + ``plan_studies`` + ``ingest_study`` for every study (sorted,
-  rescaled float32 volume, compressed Zarr, 3-level pyramid), on ``--threads`` Dask threads.
+  rescaled volume in HU, int16 when integral, compressed Zarr, 3-level pyramid), on
+  ``--threads`` Dask threads; scan+plan and ``ingest_study`` are also timed apart;
+* disk: the bytes medpipe wrote, written again as 1 MiB files (write + rename, as Zarr's
+  store does), to show the bound the disk sets.
 
 Usage::
 
@@ -74,11 +77,27 @@ def phase_medpipe(root: Path, out: Path, threads: int) -> dict:
     t0 = time.perf_counter()
     with dask.config.set(scheduler="threads", num_workers=threads):
         plans = plan_studies(scan_archive(root, cfg), cfg)
+        t1 = time.perf_counter()
         for p in plans:
             ingest_study(p, out / p.study_key, cfg)
-    dt = time.perf_counter() - t0
+    t2 = time.perf_counter()
     nbytes = sum(p.stat().st_size for p in files)
-    return {"seconds": dt, "threads": threads, "bytes": nbytes, "slices": len(files)}
+    written = sum(p.stat().st_size for p in _files(out))
+    return {"seconds": t2 - t0, "scan_seconds": t1 - t0, "ingest_seconds": t2 - t1, "threads": threads,
+            "bytes": nbytes, "slices": len(files), "written": written}
+
+
+def phase_disk(out: Path, nbytes: int) -> dict:
+    import os
+
+    out.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(2**20)
+    t0 = time.perf_counter()
+    for i in range(max(1, nbytes // 2**20)):
+        tmp = out / f"b{i}.tmp"
+        tmp.write_bytes(block)
+        os.replace(tmp, out / f"b{i}")
+    return {"seconds": time.perf_counter() - t0, "written": nbytes}
 
 
 def _child(phase: str, root: Path, out: Path, threads: int, *extra: str) -> dict:
@@ -96,7 +115,8 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--phase", choices=["make", "floor", "medpipe"], help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=["make", "floor", "medpipe", "disk"], help=argparse.SUPPRESS)
+    ap.add_argument("--nbytes", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -105,7 +125,10 @@ def main() -> None:
         print("{}")
         return
     if args.phase:
-        res = phase_floor(args.root, args.threads) if args.phase == "floor" else phase_medpipe(args.root, args.out, args.threads)
+        if args.phase == "disk":
+            res = phase_disk(args.out, args.nbytes)
+        else:
+            res = phase_floor(args.root, args.threads) if args.phase == "floor" else phase_medpipe(args.root, args.out, args.threads)
         res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
@@ -116,6 +139,7 @@ def main() -> None:
         _child("floor", tmp / "archive", tmp / "out", args.threads)  # warm the page cache once
         floor = _child("floor", tmp / "archive", tmp / "out", args.threads)
         ours = _child("medpipe", tmp / "archive", tmp / "out", args.threads)
+        disk = _child("disk", tmp / "archive", tmp / "disk", args.threads, "--nbytes", str(ours["written"]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"archive: {args.series} CT series x {args.slices} slices of {args.size}x{args.size}, "
@@ -124,7 +148,13 @@ def main() -> None:
     for name, r in ((f"floor (pydicom->NumPy, {floor['threads']}t)", floor), ("medpipe ingest", ours)):
         print(f"{name:28s}{r['bytes'] / 1e6 / r['seconds']:10.1f}{r['slices'] / r['seconds']:10.1f}"
               f"{r['seconds']:10.2f}{r['peak_rss_mib']:14.0f}")
-    print(f"medpipe / floor: {floor['seconds'] / ours['seconds']:.2f}")
+    for name, sec in (("  of which scan + plan", ours["scan_seconds"]), ("  of which ingest_study", ours["ingest_seconds"])):
+        print(f"{name:28s}{ours['bytes'] / 1e6 / sec:10.1f}{ours['slices'] / sec:10.1f}{sec:10.2f}")
+    print(f"medpipe wrote {ours['written'] / 2**20:.0f} MiB; the disk writes that as 1 MiB files in "
+          f"{disk['seconds']:.2f} s ({disk['written'] / 2**20 / disk['seconds']:.0f} MiB/s)")
+    print(f"medpipe / floor: {floor['seconds'] / ours['seconds']:.2f} "
+          f"(scan + plan alone: {floor['seconds'] / ours['scan_seconds']:.2f}, "
+          f"ingest_study alone: {floor['seconds'] / ours['ingest_seconds']:.2f})")
 
 
 if __name__ == "__main__":
