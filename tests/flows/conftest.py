@@ -1,0 +1,215 @@
+"""Fixtures of the end-to-end flow tests: one real Prefect server, small archives, `medpipe serve`.
+
+The server is a real ``prefect server start`` on loopback (SQLite, with the UI), started once per
+test session by :func:`flows.server.prefect_server`. Every process of a test (this one, the
+``medpipe serve`` subprocess, the flow runs it starts, Dask workers) gets its ``PREFECT_API_URL``;
+nothing starts a temporary server of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+FAST = {"model": {"enabled": False}}  # the model is not the point of these tests (and TF costs ~5 s a worker)
+
+
+# --------------------------------------------------------------------------- the Prefect server
+@pytest.fixture(scope="session")
+def prefect_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """API URL of a `prefect server start` (loopback, SQLite, UI on) shared by the session."""
+    from flows.server import _flush_logs, prefect_server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with prefect_server(home, ui=True) as url:
+        try:
+            yield url
+        finally:
+            _flush_logs()  # send this process's queued logs while the server still answers
+
+
+@pytest.fixture
+def prefect_api(prefect_server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The session server's API URL, set for this process and every process it starts."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server_url)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server_url}):
+        yield prefect_server_url
+
+
+# --------------------------------------------------------------------------- small archives
+def _write_archive(dest: Path, n_studies: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Write ``n_studies`` small CT phantom studies (16 x 64 x 64) under ``dest``.
+
+    Returns ``{"root": dest, "studies": {study_key: folder}}``.
+    """
+    from medpipe.keys import study_key
+    from medpipe.phantom import ct_phantom
+    from medpipe.sample import stable_uid, write_series
+
+    studies: dict[str, Path] = {}
+    for i in range(n_studies):
+        ph = ct_phantom(shape=(16, 64, 64), n_lesions=1, seed=seed + i)
+        uid = stable_uid("medpipe-test-flows", seed, i)
+        folder = dest / f"patient-{seed}-{i}" / "ct"
+        write_series(ph.hu, ph.spacing, folder, modality="CT", study_uid=uid,
+                     series_uid=stable_uid("medpipe-test-flows-series", seed, i),
+                     patient_id=f"TEST-{seed}-{i}", intercept=-1024.0, series_description="CHEST")
+        studies[study_key(uid)] = folder
+    return {"root": dest, "studies": studies}
+
+
+@pytest.fixture
+def write_archive() -> Callable[..., dict[str, Any]]:
+    """``write_archive(dest, n_studies=2, seed=0)``: small phantom CT studies, keyed by study key."""
+    return _write_archive
+
+
+@pytest.fixture
+def small_archive(tmp_path: Path) -> dict[str, Any]:
+    """Two small phantom CT studies in ``tmp_path/archive``."""
+    return _write_archive(tmp_path / "archive", 2, seed=0)
+
+
+def read_run(out: Path) -> dict[str, Any]:
+    return json.loads((Path(out) / "run.json").read_text())
+
+
+@pytest.fixture
+def run_json() -> Callable[[Path], dict[str, Any]]:
+    """``run_json(out)``: the parsed ``OUT/run.json``."""
+    return read_run
+
+
+# --------------------------------------------------------------------------- processes
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything in its group."""
+    if proc.poll() is None:
+        for s, wait in ((sig, timeout), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, s)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    try:  # the group may outlive its leader for a moment (worker processes shutting down)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture
+def stop_process_group() -> Callable[..., None]:
+    """``stop_process_group(proc, sig=SIGINT)``: stop a ``start_new_session`` subprocess and its group."""
+    return stop_group
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes(prefect_server_url: str) -> Iterator[None]:
+    """Fail a test that leaves processes behind (and end them, so the next test starts clean).
+
+    The session's Prefect server (started before the snapshot) and its children are expected;
+    anything else this test started must be gone shortly after it ends.
+    """
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    deadline = time.monotonic() + 15
+    while True:
+        stray = [p for p in me.children(recursive=True) if p.pid not in before and _alive(p)]
+        if not stray or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if stray:
+        names = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in stray if _alive(p)]
+        for p in stray:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        pytest.fail(f"processes left behind: {names}")
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# --------------------------------------------------------------------------- medpipe serve
+@pytest.fixture
+def medpipe_serve(prefect_api: str, tmp_path: Path, stop_process_group) -> Callable[..., Any]:
+    """``medpipe_serve(archive, out, *args)`` (a context manager): serve the nightly deployment.
+
+    Starts ``medpipe serve --archive A --out O --name nightly --workers 1 *args`` against the
+    session server, yields the deployment once the server has it, and stops the process group
+    (SIGINT, as Ctrl-C would) on exit.
+    """
+
+    @contextmanager
+    def serve(archive: Path, out: Path, *args: str, name: str = "nightly") -> Iterator[Any]:
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": prefect_api,
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # default 10 s between looks for runs to start
+            "PYTHONUNBUFFERED": "1",
+        }
+        log = tmp_path / f"serve-{name}.log"
+        cmd = [str(BIN / "medpipe"), "serve", "--archive", str(archive), "--out", str(out),
+               "--name", name, "--workers", "1", *args]
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            deployment = wait_for_deployment(f"medpipe-archive/{name}", proc, log)
+            yield deployment
+        finally:
+            stop_process_group(proc)
+            print(f"--- medpipe serve log ({log}) ---\n{log.read_text()[-4000:]}")
+
+    return serve
+
+
+def wait_for_deployment(name: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> Any:
+    """Poll the API until deployment ``name`` exists with a schedule; fail early if ``proc`` exits."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async def read() -> Any:
+        async with get_client() as client:
+            try:
+                dep = await client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                return None
+            # The runner creates the deployment, then starts polling: it is ready once the
+            # deployment is there and its schedule too.
+            return dep if dep.schedules else None
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"medpipe serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        dep = anyio.run(read)
+        if dep is not None:
+            return dep
+        time.sleep(0.5)
+    pytest.fail(f"deployment {name} did not appear within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
