@@ -179,7 +179,8 @@ def medpipe_serve(prefect_api: str, tmp_path: Path, stop_process_group) -> Calla
             proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         try:
-            deployment = wait_for_deployment(f"medpipe-archive/{name}", proc, log)
+            expected = {"archive": str(Path(archive).resolve()), "out": str(Path(out).resolve())}
+            deployment = wait_for_deployment(f"medpipe-archive/{name}", expected, proc, log)
             yield deployment
         finally:
             stop_process_group(proc)
@@ -188,27 +189,32 @@ def medpipe_serve(prefect_api: str, tmp_path: Path, stop_process_group) -> Calla
     return serve
 
 
-def wait_for_deployment(name: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> Any:
-    """Poll the API until deployment ``name`` exists with a schedule; fail early if ``proc`` exits."""
-    import anyio
+def wait_for_deployment(name: str, parameters: dict[str, Any], proc: subprocess.Popen, log: Path,
+                        timeout: float = 90.0) -> Any:
+    """Poll the API until deployment ``name`` has a schedule and these ``parameters``.
+
+    The parameters tell this process's deployment from one an earlier test served under the
+    same name on the same server. Fails early if ``proc`` exits.
+    """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    async def read() -> Any:
-        async with get_client() as client:
+    def read() -> Any:
+        # The sync client: no event loop of our own (Playwright's sync API runs one in this thread).
+        with get_client(sync_client=True) as client:
             try:
-                dep = await client.read_deployment_by_name(name)
+                dep = client.read_deployment_by_name(name)
             except ObjectNotFound:
                 return None
-            # The runner creates the deployment, then starts polling: it is ready once the
-            # deployment is there and its schedule too.
-            return dep if dep.schedules else None
+            # The runner creates (or updates) the deployment, then polls for its runs.
+            mine = all(dep.parameters.get(k) == v for k, v in parameters.items())
+            return dep if mine and dep.schedules else None
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"medpipe serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        dep = anyio.run(read)
+        dep = read()
         if dep is not None:
             return dep
         time.sleep(0.5)

@@ -38,15 +38,12 @@ def trigger(deployment: Any, timeout: float = 120.0, **parameters: Any) -> dict[
 
 def dashboard_links() -> dict[str, str]:
     """Flow run id -> URL of the server's "Dask dashboard" link artifacts (markdown ``[text](url)``)."""
-    import anyio
     from prefect.client.orchestration import get_client
 
-    async def read() -> list[Any]:
-        async with get_client() as client:
-            return await client.read_artifacts()
-
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
     prefix = "[Dask dashboard]("
-    return {str(a.flow_run_id): a.data[len(prefix):-1] for a in anyio.run(read)
+    return {str(a.flow_run_id): a.data[len(prefix):-1] for a in artifacts
             if isinstance(a.data, str) and a.data.startswith(prefix)}
 
 
