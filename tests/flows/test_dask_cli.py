@@ -102,6 +102,8 @@ def test_flow_runs_on_both_workers_of_a_dask_cli_cluster(prefect_api, small_arch
         n = len(small_archive["studies"])
         assert {k: total[k] for k in ("ingest", "filter_", "segment", "infer", "finish_study")} == dict.fromkeys(
             ("ingest", "filter_", "segment", "infer", "finish_study"), n), total
+        # The existing cluster's dashboard is the one the run links to.
+        assert run["dask"]["dashboard"] == client.dashboard_link, (run["dask"], client.dashboard_link)
     finally:
         if client is not None:
             client.close()
