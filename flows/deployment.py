@@ -42,8 +42,10 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
 
     params = deployment_parameters(args.archive, args.out, cfg, args.config)
     sched = schedule(cfg, args.cron, args.timezone)
+    # One run at a time: a custom run started during the night's run (or the other way round)
+    # waits for a slot instead of failing on the output folder's lock.
     if os.environ.get("PREFECT_API_URL"):
-        process_archive.serve(name=args.name, schedules=[sched], parameters=params)
+        process_archive.serve(name=args.name, schedules=[sched], parameters=params, global_limit=1)
         return 0
     home = Path(os.environ.get("MEDPIPE_PREFECT_HOME", Path.home() / ".medpipe" / "prefect"))
     home.mkdir(parents=True, exist_ok=True)
@@ -54,5 +56,5 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
         print(f"Prefect UI: {api_url.removesuffix('/api')}  (deployment medpipe-archive/{args.name}, "
               f"schedule '{sched.cron}' {sched.timezone})", flush=True)
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            process_archive.serve(name=args.name, schedules=[sched], parameters=params)
+            process_archive.serve(name=args.name, schedules=[sched], parameters=params, global_limit=1)
     return 0
