@@ -78,6 +78,9 @@ def test_serve_schedule_and_incremental_runs_through_the_api(medpipe_serve, smal
         assert schedule.active
         assert schedule.schedule.cron == "0 2 * * *"
         assert schedule.schedule.timezone == "Europe/Berlin"
+        # One run at a time: a run started while another works waits for its slot (it would
+        # otherwise fail on the output folder's lock).
+        assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
         # Default parameters, each editable for a custom run.
         assert dep.parameters["archive"] == str(archive.resolve())
         assert dep.parameters["out"] == str(nightly_out.resolve())
