@@ -70,9 +70,17 @@ def _zoom_slices(stack: np.ndarray, shape: tuple[int, int], *, order: int) -> np
     return out
 
 
-def _crop_or_pad(stack: np.ndarray, geom: SliceGeometry) -> np.ndarray:
-    n = stack.shape[0]
-    out = np.zeros((n, geom.size, geom.size), np.float32)
+def _window_into(src: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``window_normalise`` of ``src`` as a new float32 array, in place after the one conversion."""
+    out = src.astype(np.float32)  # the only copy; int16 HU converts exactly
+    np.clip(out, low, high, out=out)
+    out -= low
+    out /= high - low
+    return out
+
+
+def _crop_ranges(geom: SliceGeometry) -> tuple[list[slice], list[slice]]:
+    """Per axis: the resampled-grid range that survives the crop, and where it lands in the output."""
     src, dst = [], []
     for r, off in zip(geom.resampled, geom.offsets()):
         if off >= 0:
@@ -81,8 +89,78 @@ def _crop_or_pad(stack: np.ndarray, geom: SliceGeometry) -> np.ndarray:
         else:
             src.append(slice(0, r))
             dst.append(slice(-off, -off + r))
-    out[:, dst[0], dst[1]] = stack[:, src[0], src[1]]
-    return out
+    return src, dst
+
+
+def _integer_steps(geom: SliceGeometry) -> tuple[int, int] | None:
+    """Downsampling steps ``k`` when every resampled pixel covers exactly ``k`` input pixels."""
+    if any(r > n or n % r for n, r in zip(geom.shape, geom.resampled)):
+        return None
+    return geom.shape[0] // geom.resampled[0], geom.shape[1] // geom.resampled[1]
+
+
+def _taps(k: int, part: slice) -> list[slice]:
+    """Input indices that bilinear ``ndi.zoom`` (grid_mode) reads for resampled range ``part``.
+
+    Resampled pixel ``o`` sits at input coordinate ``k*o + (k-1)/2``: one pixel when ``k`` is
+    odd, the mean of two neighbours when it is even (weights 1/2 each).
+    """
+    a, b = k * part.start, k * part.stop
+    if k % 2:
+        return [slice(a + (k - 1) // 2, b, k)]
+    return [slice(a + k // 2 - 1, b, k), slice(a + k // 2, b, k)]
+
+
+def _downsample_integer(slices: np.ndarray, geom: SliceGeometry, steps: tuple[int, int],
+                        window: tuple[float, float], out: np.ndarray) -> None:
+    """Window and downsample by integer ``steps`` straight into the model grid ``out``.
+
+    Same numbers as windowing, ``ndi.zoom(order=1, grid_mode=True)`` and cropping (to float32
+    rounding), but it reads only the input pixels the kept part of the grid needs (a quarter
+    of them or fewer) and makes no intermediate full-size array.
+    """
+    src, dst = _crop_ranges(geom)
+    ys, xs = _taps(steps[0], src[0]), _taps(steps[1], src[1])
+    acc = None
+    for ty in ys:
+        for tx in xs:
+            w = _window_into(slices[:, ty, tx], *window)
+            if acc is None:
+                acc = w
+            else:
+                acc += w
+    n_taps = len(ys) * len(xs)
+    if n_taps > 1:
+        acc *= np.float32(1.0 / n_taps)
+    out[:, dst[0], dst[1]] = acc
+
+
+def _resample_cropped(slices: np.ndarray, geom: SliceGeometry, window: tuple[float, float],
+                      out: np.ndarray) -> None:
+    """Window and bilinearly resample only the part of each slice that survives the crop.
+
+    ``ndi.zoom(grid_mode=True)`` puts resampled pixel ``o`` at input coordinate
+    ``(o + 0.5) * s - 0.5`` with ``s = n / resampled``; the same mapping, shifted to the kept
+    range, goes to ``ndi.affine_transform`` (a diagonal matrix runs zoom's own kernel) over the
+    input rows and columns it touches (plus a pixel of margin), so a large field of view is
+    not windowed and resampled only to be cropped away.
+    """
+    src, dst = _crop_ranges(geom)
+    scale, offset, rows = [], [], []
+    for n, r, part in zip(geom.shape, geom.resampled, src):
+        s = n / r
+        first = (part.start + 0.5) * s - 0.5
+        last = (part.stop - 1 + 0.5) * s - 0.5
+        lo = max(0, int(np.floor(first)) - 1)
+        hi = min(n, int(np.floor(last)) + 3)
+        scale.append(s)
+        offset.append(first - lo)
+        rows.append(slice(lo, hi))
+    stack = _window_into(slices[:, rows[0], rows[1]], *window)
+    shape = (src[0].stop - src[0].start, src[1].stop - src[1].start)
+    view = out[:, dst[0], dst[1]]
+    for i, sl in enumerate(stack):  # 2D per slice: a 3D transform would mix neighbouring slices' NaNs
+        ndi.affine_transform(sl, scale, offset, output_shape=shape, output=view[i], order=1, mode="nearest")
 
 
 def preprocess_slices(
@@ -118,12 +196,19 @@ def preprocess_slices(
     slices = np.asarray(slices)
     if slices.ndim != 3:
         raise ValueError(f"slices must have shape (n, y, x), got {slices.shape}")
+    low, high = float(window[0]), float(window[1])
+    if not high > low:
+        raise ValueError(f"window must satisfy low < high, got {window}")
     geom = slice_geometry(slices.shape[1:], pixel_spacing, size, spacing_mm)
-    stack = window_normalise(slices, window)
-    if geom.resampled != geom.shape:
-        stack = _zoom_slices(stack, geom.resampled, order=1)
-    stack = _crop_or_pad(stack, geom)
-    return np.repeat(stack[..., None], channels, axis=-1) if channels > 1 else stack[..., None]
+    out = np.zeros((slices.shape[0], size, size), np.float32)  # zero: the window's low end
+    steps = _integer_steps(geom)
+    # Integral factors (1 mm -> 2 mm, or none): strided means instead of interpolation. Not with
+    # NaN/inf pixels: zoom's kernel also reads weight-0 neighbours, so they spread one pixel further.
+    if steps is not None and (steps == (1, 1) or slices.dtype.kind in "iub" or np.isfinite(slices).all()):
+        _downsample_integer(slices, geom, steps, (low, high), out)
+    else:
+        _resample_cropped(slices, geom, (low, high), out)
+    return np.repeat(out[..., None], channels, axis=-1) if channels > 1 else out[..., None]
 
 
 def restore_slices(model_grid: np.ndarray, geom: SliceGeometry, *, order: int = 0) -> np.ndarray:
