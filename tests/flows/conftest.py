@@ -24,7 +24,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-FAST = {"model": {"enabled": False}}  # the model is not the point of these tests (and TF costs ~5 s a worker)
 
 
 # --------------------------------------------------------------------------- the Prefect server
