@@ -268,7 +268,8 @@ def _prefect_ids() -> dict[str, Any]:
 def _dashboard_link(logger: Any) -> str | None:
     """Print the Dask dashboard address and link it from the flow run."""
     ctx = FlowRunContext.get()
-    client = getattr(getattr(ctx, "task_runner", None), "_client", None)
+    # `.client` starts the runner's Dask client now; `_client` is still None before the first submit.
+    client = getattr(getattr(ctx, "task_runner", None), "client", None)
     link = getattr(client, "dashboard_link", None)
     if link:
         logger.info("Dask dashboard: %s", link)
