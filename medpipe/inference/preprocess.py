@@ -111,28 +111,45 @@ def _taps(k: int, part: slice) -> list[slice]:
     return [slice(a + k // 2 - 1, b, k), slice(a + k // 2, b, k)]
 
 
+def _clip_dtype(dtype: np.dtype, low: float, high: float) -> np.dtype:
+    """Where to clip: integer pixels against an integral window inside their range stay integers
+    (exact, half the bytes of float32); anything else goes to float32 as ``window_normalise`` does."""
+    if dtype.kind in "iu" and low.is_integer() and high.is_integer():
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    return np.dtype(np.float32)
+
+
 def _downsample_integer(slices: np.ndarray, geom: SliceGeometry, steps: tuple[int, int],
                         window: tuple[float, float], out: np.ndarray) -> None:
     """Window and downsample by integer ``steps`` straight into the model grid ``out``.
 
-    Same numbers as windowing, ``ndi.zoom(order=1, grid_mode=True)`` and cropping (to float32
-    rounding), but it reads only the input pixels the kept part of the grid needs (a quarter
-    of them or fewer) and makes no intermediate full-size array.
+    Bilinear ``ndi.zoom(grid_mode=True)`` by ``1/k`` reads one input pixel (``k`` odd) or the
+    mean of two (``k`` even) per axis, so each tap is a strided view: clipped into one small
+    reused buffer, summed into ``out``, then scaled once. Same numbers as windowing, zooming and
+    cropping, to a float32 rounding or two (the sum of integer taps is exact); only the input
+    pixels the kept part of the grid needs are read (a quarter of them or fewer), and nothing
+    of the input's size is allocated (page faults cost as much as the arithmetic in a Dask
+    worker, which returns freed memory to the system at once).
     """
+    low, high = window
     src, dst = _crop_ranges(geom)
     ys, xs = _taps(steps[0], src[0]), _taps(steps[1], src[1])
-    acc = None
-    for ty in ys:
-        for tx in xs:
-            w = _window_into(slices[:, ty, tx], *window)
-            if acc is None:
-                acc = w
-            else:
-                acc += w
+    view = out[:, dst[0], dst[1]]
+    tmp = np.empty(view.shape, _clip_dtype(slices.dtype, low, high))
+    bounds = (low, high) if tmp.dtype.kind == "f" else (int(low), int(high))
+    for i, (ty, tx) in enumerate((ty, tx) for ty in ys for tx in xs):
+        np.clip(slices[:, ty, tx], *bounds, out=tmp, casting="unsafe")
+        if i == 0:
+            np.copyto(view, tmp, casting="unsafe")
+        else:
+            np.add(view, tmp, out=view, casting="unsafe")
     n_taps = len(ys) * len(xs)
     if n_taps > 1:
-        acc *= np.float32(1.0 / n_taps)
-    out[:, dst[0], dst[1]] = acc
+        view /= n_taps  # 2 or 4: exact
+    view -= low
+    view /= high - low
 
 
 def _resample_cropped(slices: np.ndarray, geom: SliceGeometry, window: tuple[float, float],
