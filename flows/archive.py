@@ -149,8 +149,9 @@ def _drive(plans: list[dict[str, Any]], run_id: str, out: str, cfg: Config,
     for entry in entries:
         progress.emit("study", entry)
 
-    opts = dict(retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_s,
-                timeout_seconds=cfg.run.study_timeout_s)
+    # Transient failures (a lost worker, a storage hiccup) are retried with exponential backoff.
+    backoff = [cfg.run.retry_delay_s * 2**i for i in range(cfg.run.retries)] or None
+    opts = dict(retries=cfg.run.retries, retry_delay_seconds=backoff, timeout_seconds=cfg.run.study_timeout_s)
     ingest, filter_, segment, infer = (t.with_options(**opts) for t in
                                        (stages.ingest, stages.filter_, stages.segment, stages.infer))
     gpu = gpu_annotations(cfg.cluster)

@@ -153,7 +153,7 @@ class ClusterConfig(_Section):
 class RunConfig(_Section):
     force: bool = Field(False, description="Reprocess studies whose inputs and configuration are unchanged.")
     retries: int = Field(1, ge=0, description="Retries of a study stage after a transient failure.")
-    retry_delay_s: float = Field(2.0, ge=0)
+    retry_delay_s: float = Field(2.0, ge=0, description="Delay before the first retry; doubles each retry.")
     study_timeout_s: float = Field(3600.0, gt=0)
     keep_intermediates: bool = Field(False, description="Keep filtered.zarr in study folders.")
 
