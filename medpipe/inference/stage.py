@@ -1,17 +1,22 @@
-"""The inference stage of one study: batches of slices fanned out as Dask tasks.
+"""The inference stage of one study: runs of slice batches fanned out as Dask tasks.
 
-Each batch is one ``dask.delayed`` task that reads its own slices from the study's Zarr
-image on the worker, preprocesses them and runs the model cached in that worker process;
-only slice indices go in and scores (or a small uint8 mask) come out. A large study thus
-spreads over all workers of whatever scheduler is active (the distributed client inside the
-flow, the threaded scheduler elsewhere).
+Each task reads its own slices from the study's Zarr image on the worker, preprocesses them
+and runs the model cached in that worker process; only slice ranges go in and scores (or a
+small uint8 mask) come out. A task takes a run of consecutive batches and reads and
+preprocesses batch ``i + 1`` in a thread while TensorFlow predicts batch ``i`` (both release
+the GIL); a study is cut into a multiple of the scheduler's worker threads of such runs, so
+it still spreads over all workers of whatever scheduler is active (the distributed client
+inside the flow, the threaded scheduler elsewhere), and a long study into more runs than
+that, so Dask can balance them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +34,22 @@ log = logging.getLogger(__name__)
 
 RULES = {"max": "max of slice scores", "mean_top3": "mean of the 3 highest slice scores"}
 SALIENCY_DIR = "saliency"
+# Most batches one task pipelines. Longer runs save task overhead; more runs per worker thread
+# let Dask even out a long study over workers of unequal speed.
+BATCHES_PER_TASK = 4
 
 
-def read_batch(image_path: str | Path, start: int, stop: int, info: ModelInfo) -> np.ndarray:
-    """Slices ``start:stop`` of a Zarr image, preprocessed into a model batch."""
-    meta = omezarr.read_meta(image_path)
+def read_batch(image_path: str | Path, start: int, stop: int, info: ModelInfo,
+               pixel_spacing: tuple[float, float] | None = None) -> np.ndarray:
+    """Slices ``start:stop`` of a Zarr image, preprocessed into a model batch.
+
+    ``pixel_spacing`` (row, column mm) saves reading the image metadata when the caller has it.
+    """
+    if pixel_spacing is None:
+        pixel_spacing = omezarr.read_meta(image_path).spacing[1:]
     # Level 0 straight from Zarr: a Dask graph per batch (read_image) costs twice the decode.
-    raw = zarr.open_array(str(Path(image_path) / "0"), mode="r")[start:stop]
-    return preprocess_slices(raw, meta.spacing[1:], size=info.size, window=info.window,
-                             spacing_mm=info.spacing_mm, channels=info.channels)
+    arr = zarr.open_array(str(Path(image_path) / "0"), mode="r")
+    return _load_batch(arr, start, stop, info, pixel_spacing)[0]
 
 
 def _scores(out: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, np.ndarray | None]:
@@ -54,27 +66,83 @@ def _scores(out: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, np.ndarray | 
     return prob.reshape(prob.shape[0], -1).max(axis=1).astype(np.float64), mask
 
 
-def predict_batch(image_path: str, start: int, stop: int, info: ModelInfo, batch_size: int) -> dict[str, Any]:
-    """One batch task: read, preprocess, predict with the process's cached model.
+def _load_batch(arr: Any, start: int, stop: int, info: ModelInfo,
+                pixel_spacing: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Read and preprocess slices ``start:stop``: the batch, non-finite slices, slice shape."""
+    raw = arr[start:stop]
+    batch = preprocess_slices(raw, pixel_spacing, size=info.size, window=info.window,
+                              spacing_mm=info.spacing_mm, channels=info.channels)
+    bad_input = np.empty(0, np.int64)
+    if raw.dtype.kind == "f":  # integer pixels window to finite values
+        bad_input = start + np.flatnonzero(~np.isfinite(batch).reshape(batch.shape[0], -1).all(axis=1))
+    return batch, bad_input, raw.shape[1:]
 
-    The batch is zero-padded to ``batch_size`` so every call reuses one compiled graph.
-    Returns ``{"start", "scores"}`` plus ``"mask"`` (original slice grid) for segmentations.
-    """
-    model = load_model(info)
-    check_compatible(model, info)
-    batch = read_batch(image_path, start, stop, info)
+
+def _predict_loaded(model: Any, info: ModelInfo, start: int, loaded: tuple, batch_size: int,
+                    pixel_spacing: tuple[float, float]) -> dict[str, Any]:
+    batch, bad_input, shape = loaded
     n = batch.shape[0]
-    bad_input = start + np.flatnonzero(~np.isfinite(batch).reshape(n, -1).all(axis=1))
-    if n < batch_size:
+    if n < batch_size:  # one padded shape: every call reuses one compiled graph
         batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
     with np.errstate(invalid="ignore"):
         scores, mask = _scores(model.predict(batch)[:n], info)
     result: dict[str, Any] = {"start": start, "scores": scores, "bad_input": bad_input}
     if mask is not None:
-        meta = omezarr.read_meta(image_path)
-        geom = slice_geometry(meta.shape[1:], meta.spacing[1:], info.size, info.spacing_mm)
+        geom = slice_geometry(shape, pixel_spacing, info.size, info.spacing_mm)
         result["mask"] = restore_slices(mask, geom, order=0)
     return result
+
+
+def predict_batches(image_path: str, ranges: list[tuple[int, int]], info: ModelInfo, batch_size: int,
+                    pixel_spacing: tuple[float, float] | None = None) -> list[dict[str, Any]]:
+    """One task: read, preprocess and predict consecutive batches with the process's cached model.
+
+    While TensorFlow predicts one batch, a second thread reads and preprocesses the next one.
+    Each batch is zero-padded to ``batch_size`` so every call reuses one compiled graph.
+
+    Parameters
+    ----------
+    image_path : str
+        The study's OME-Zarr image (level 0 is read).
+    ranges : list of (start, stop)
+        Slice ranges, one per batch, each at most ``batch_size`` long.
+    info : ModelInfo
+        The resolved model.
+    batch_size : int
+        The model batch every call is padded to.
+    pixel_spacing : (float, float), optional
+        Row and column spacing in mm; read from the image's metadata when not given.
+
+    Returns
+    -------
+    list of dict
+        Per batch: ``start``, ``scores`` (per slice), ``bad_input`` (slices with NaN/inf
+        pixels) and, for segmentations, ``mask`` on the original slice grid.
+    """
+    model = load_model(info)
+    check_compatible(model, info)
+    if pixel_spacing is None:
+        pixel_spacing = omezarr.read_meta(image_path).spacing[1:]
+    arr = zarr.open_array(str(Path(image_path) / "0"), mode="r")
+    if len(ranges) == 1:
+        a, b = ranges[0]
+        return [_predict_loaded(model, info, a, _load_batch(arr, a, b, info, pixel_spacing), batch_size,
+                                pixel_spacing)]
+    results = []
+    with ThreadPoolExecutor(1, thread_name_prefix="medpipe-prefetch") as pool:
+        pending = pool.submit(_load_batch, arr, *ranges[0], info, pixel_spacing)
+        for i, (a, _) in enumerate(ranges):
+            loaded = pending.result()
+            if i + 1 < len(ranges):
+                pending = pool.submit(_load_batch, arr, *ranges[i + 1], info, pixel_spacing)
+            results.append(_predict_loaded(model, info, a, loaded, batch_size, pixel_spacing))
+    return results
+
+
+def predict_batch(image_path: str, start: int, stop: int, info: ModelInfo, batch_size: int,
+                  pixel_spacing: tuple[float, float] | None = None) -> dict[str, Any]:
+    """One batch: :func:`predict_batches` of the single range ``(start, stop)``."""
+    return predict_batches(image_path, [(start, stop)], info, batch_size, pixel_spacing)[0]
 
 
 def study_score(scores: np.ndarray, rule: str) -> float | None:
@@ -98,6 +166,47 @@ def study_score(scores: np.ndarray, rule: str) -> float | None:
 
 def _ranges(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+def scheduler_slots() -> int:
+    """Worker threads of the scheduler ``dask.compute`` would use now (1 when unknown)."""
+    get = dask.base.get_scheduler()
+    client = getattr(get, "__self__", None)
+    if client is not None and hasattr(client, "nthreads"):
+        try:
+            return max(1, sum(client.nthreads().values()))
+        except Exception:  # a closing client: fall back to the machine
+            pass
+    if get is dask.get:
+        return 1
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
+def task_runs(n_batches: int, slots: int, per_task: int | None = None) -> list[range]:
+    """Split batch indices ``0..n_batches-1`` into runs of consecutive batches, one per task.
+
+    As many runs as ``slots`` (worker threads) or a multiple of it, each of at most
+    ``per_task`` batches (default :data:`BATCHES_PER_TASK`) where that allows, of near-equal
+    lengths.
+
+    >>> [list(r) for r in task_runs(6, 2)]
+    [[0, 1, 2], [3, 4, 5]]
+    >>> [len(r) for r in task_runs(19, 2)]
+    [4, 3, 3, 3, 3, 3]
+    >>> [len(r) for r in task_runs(3, 8)]
+    [1, 1, 1]
+    """
+    if n_batches <= 0:
+        return []
+    per_task = per_task or BATCHES_PER_TASK
+    n_tasks = min(n_batches, slots * math.ceil(n_batches / (slots * per_task)))
+    size, extra = divmod(n_batches, n_tasks)
+    runs, start = [], 0
+    for i in range(n_tasks):
+        stop = start + size + (i < extra)
+        runs.append(range(start, stop))
+        start = stop
+    return runs
 
 
 def _check_image(study_key: str, image_path: Path) -> omezarr.ImageMeta:
@@ -172,9 +281,12 @@ def infer_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     meta = _check_image(key, image_path)
     n = meta.shape[0]
     bs = mcfg.batch_size
-    tasks = [dask.delayed(predict_batch, pure=False)(str(image_path), a, b, info, bs) for a, b in _ranges(n, bs)]
+    spacing = tuple(meta.spacing[1:])
+    batches = _ranges(n, bs)
+    tasks = [dask.delayed(predict_batches, pure=False)(str(image_path), [batches[i] for i in run], info, bs, spacing)
+             for run in task_runs(len(batches), scheduler_slots())]
     try:
-        parts = dask.compute(*tasks)
+        parts = [part for run in dask.compute(*tasks) for part in run]
     except ModelError as exc:
         raise StudyError(key, f"model failed: {exc}") from exc
     except MedpipeError:
@@ -234,5 +346,5 @@ def _saliency(study_dir: Path, image_path: Path, scores: np.ndarray, info: Model
 
 
 def n_batches(n_slices: int, batch_size: int) -> int:
-    """Number of batch tasks for a study of ``n_slices``."""
+    """Number of model batches for a study of ``n_slices``."""
     return math.ceil(n_slices / batch_size)

@@ -22,11 +22,11 @@ def test_model_loads_once_per_worker_process(tmp_path, tiny_model):
         with distributed.get_task_stream(client) as stream:
             results = [infer_study(s, "CT", cfg) for s in studies]
         per_worker = client.run(load_count)
-    batch_workers = {t["worker"] for t in stream.data if "predict_batch" in str(t["key"])}
-    n_batches = sum("predict_batch" in str(t["key"]) for t in stream.data)
+    batch_tasks = [t for t in stream.data if "predict_batches" in str(t["key"])]
     loads = [counts.get(str(tiny_model), 0) for counts in per_worker.values()]
     assert sorted(loads) == [1, 1], per_worker  # once per worker process, never once per task
-    assert n_batches == 16 and len(batch_workers) == 2  # one study's batches spread over both workers
+    # 8 batches per study in runs of 4 (one per worker thread), pipelined inside each task
+    assert len(batch_tasks) == 4 and len({t["worker"] for t in batch_tasks}) == 2
     for res in results:
         assert len(res["slice_scores"]) == 24 and np.isfinite(res["slice_scores"]).all()
         assert len(res["saliency"]) == 1

@@ -102,3 +102,24 @@ def test_segmentation_model_writes_label_image(study, tiny_segmenter):
     assert omezarr.label_names(study / "image.zarr", "model") == {1: "dense"}
     assert "model" in zarr.open_group(str(study / "image.zarr" / "labels")).attrs["ome"]["labels"]
     assert len(res["saliency"]) == 1
+
+
+def test_runs_of_batches_give_the_same_scores(study, tiny_model, monkeypatch):
+    """Pipelined runs of batches (read the next while predicting) equal one batch per task."""
+    from medpipe.inference import stage
+
+    cfg = tiny_cfg(tiny_model, batch_size=2, saliency_slices=0)  # 8 batches
+    monkeypatch.setattr(stage, "BATCHES_PER_TASK", 1)
+    one = infer_study(study, "CT", cfg)
+    monkeypatch.setattr(stage, "BATCHES_PER_TASK", 8)
+    runs = infer_study(study, "CT", cfg)
+    assert runs["slice_scores"] == one["slice_scores"] and len(one["slice_scores"]) == 16
+
+
+def test_task_runs_split():
+    from medpipe.inference.stage import task_runs
+
+    assert [list(r) for r in task_runs(6, 2)] == [[0, 1, 2], [3, 4, 5]]
+    assert [len(r) for r in task_runs(19, 2)] == [4, 3, 3, 3, 3, 3]  # a multiple of the slots
+    assert [len(r) for r in task_runs(20, 1, per_task=4)] == [4] * 5
+    assert task_runs(0, 2) == [] and [len(r) for r in task_runs(1, 4)] == [1]
