@@ -1,11 +1,15 @@
 """Inference throughput: medpipe's stage (Zarr -> preprocess -> batched predict on Dask workers)
 beside a bare ``model.predict`` over the same preprocessed batches held in memory.
 
-    .venv/bin/python benchmarks/inference.py [--slices 192] [--pixels 256] [--batch 32] [--workers 2]
+    .venv/bin/python benchmarks/inference.py [--slices 192] [--pixels 256] [--batch 32]
+                                             [--workers 2] [--threads 1] [--repeats 7]
 
-Prints one table from one run: slices/s of each path, the ratio (goal >= 0.9), and the peak
-resident memory of each process (VmHWM). The stage is timed on its second call, after
-every worker has loaded the model once (that is what a night of many studies sees).
+Fair and repeatable on a shared machine: both sides see the same slices and batch size and
+are warmed up (the graph built, every worker's model loaded once); the timed repeats
+alternate bare and stage (in turn first), so both see the same load, and the ratio is the
+median of the per-pair ratios. The load average is printed before and after. A breakdown
+times reading, preprocessing and predicting one batch at a time inside one worker (its
+TensorFlow limited to the worker's threads) and in this process (TensorFlow on all cores).
 """
 
 from __future__ import annotations
@@ -39,13 +43,40 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def breakdown(image_path: str, cfg: Config, n: int, batch: int, repeats: int = 3) -> dict[str, float]:
+    """Median milliseconds per batch of reading (Zarr), preprocessing and predicting, in this process."""
+    import zarr
+
+    from medpipe.inference.model import load_model, resolve_model
+    from medpipe.inference.preprocess import preprocess_slices
+
+    info = resolve_model(cfg.model)
+    model = load_model(info)
+    spacing = omezarr.read_meta(image_path).spacing[1:]
+    arr = zarr.open_array(str(Path(image_path) / "0"), mode="r")
+    times: dict[str, list[float]] = {"read": [], "preprocess": [], "predict": []}
+    for _ in range(repeats):
+        for a in range(0, n, batch):
+            t0 = time.perf_counter()
+            raw = arr[a: a + batch]
+            t1 = time.perf_counter()
+            x = preprocess_slices(raw, spacing, size=info.size, window=info.window, spacing_mm=info.spacing_mm)
+            t2 = time.perf_counter()
+            model.predict(x)
+            t3 = time.perf_counter()
+            for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                times[k].append(dt)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=192)
     ap.add_argument("--pixels", type=int, default=256, help="in-plane size of the synthetic CT")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
+    ap.add_argument("--threads", type=int, default=1, help="threads per worker (and TensorFlow threads)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed pairs (bare, stage), alternating order")
     args = ap.parse_args()
 
     import distributed
@@ -54,60 +85,82 @@ def main() -> None:
     from medpipe.inference.preprocess import preprocess_slices
     from medpipe.inference.stage import infer_study
 
+    load0 = os.getloadavg()
     cfg = Config.model_validate({"model": {"batch_size": args.batch, "saliency_slices": 0}})
     info = resolve_model(cfg.model)
     spacing = (2.5, 256 / args.pixels, 256 / args.pixels)  # 256 mm field of view, model grid 2 mm
+    n = args.slices
     with tempfile.TemporaryDirectory(prefix="medpipe-bench-") as tmp:
-        ph = ct_phantom((args.slices, args.pixels, args.pixels), spacing, n_lesions=4, seed=3)
+        ph = ct_phantom((n, args.pixels, args.pixels), spacing, n_lesions=4, seed=3)
         study = Path(tmp) / "study"
-        omezarr.write_image(study / "image.zarr", ph.hu, spacing, levels=1)
+        image = study / "image.zarr"
+        omezarr.write_image(image, ph.hu, spacing, levels=1)
 
-        # Bare: the same preprocessed batches in memory, one model.predict over them.
         model = load_model(info).keras
-        t = time.perf_counter()
-        x = preprocess_slices(ph.hu, spacing[1:], size=info.size, window=info.window, spacing_mm=info.spacing_mm)
-        t_pre = time.perf_counter() - t
-        model.predict(x[: args.batch], batch_size=args.batch, verbose=0)  # warm-up (graph build)
-        bare = []
-        for _ in range(args.repeats):
+        pre = []
+        for _ in range(3):
+            t = time.perf_counter()
+            x = preprocess_slices(ph.hu, spacing[1:], size=info.size, window=info.window, spacing_mm=info.spacing_mm)
+            pre.append(time.perf_counter() - t)
+
+        def bare() -> float:  # the same preprocessed slices in memory, one model.predict
             t = time.perf_counter()
             model.predict(x, batch_size=args.batch, verbose=0)
-            bare.append(time.perf_counter() - t)
-        floor = []  # TensorFlow alone: predict_on_batch per batch, no input pipeline
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            for i in range(0, len(x), args.batch):
-                model.predict_on_batch(x[i: i + args.batch])
-            floor.append(time.perf_counter() - t)
-        bare_rss = peak_rss_mib()
+            return time.perf_counter() - t
 
-        # Stage: infer_study's batch path over a process LocalCluster (as in the flow).
-        with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+        def floor() -> float:  # TensorFlow alone: predict_on_batch per batch, no input pipeline
+            t = time.perf_counter()
+            for i in range(0, n, args.batch):
+                model.predict_on_batch(x[i: i + args.batch])
+            return time.perf_counter() - t
+
+        with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, processes=True,
                                       dashboard_address=":0", worker_dashboard_address=":0") as cluster, \
                 distributed.Client(cluster) as client:
-            infer_study(study, "CT", cfg)  # warm-up: each worker loads the model once
-            stage = []
-            for _ in range(args.repeats):
+
+            def stage() -> float:
                 t = time.perf_counter()
-                res = infer_study(study, "CT", cfg)
-                stage.append(time.perf_counter() - t)
+                stage.res = infer_study(study, "CT", cfg)  # type: ignore[attr-defined]
+                return time.perf_counter() - t
+
+            bare(), floor(), stage()  # warm-up: predict graph built here, the model loaded on each worker
+            times: dict[str, list[float]] = {"bare": [], "stage": [], "floor": []}
+            for r in range(args.repeats):
+                for name in (("bare", "stage", "floor") if r % 2 == 0 else ("stage", "bare", "floor")):
+                    times[name].append({"bare": bare, "stage": stage, "floor": floor}[name]())
+            worker_ms = client.submit(breakdown, str(image), cfg, n, args.batch, pure=False).result()
             worker_rss = client.run(peak_rss_mib)
             loads = client.run(lambda: sum(__import__("medpipe.inference.model", fromlist=["x"]).load_count().values()))
+        main_ms = breakdown(str(image), cfg, n, args.batch)
+        bare_rss = peak_rss_mib()
+    load1 = os.getloadavg()
 
-    n = args.slices
-    b, s = min(bare), min(stage)
-    print(f"study: {n} slices of {args.pixels}x{args.pixels} int16, batch {args.batch}, model {info.name} "
-          f"{info.version} ({info.input_shape}), {os.cpu_count()} CPUs, {args.workers} workers x 1 thread")
-    print(f"{'path':<52}{'seconds':>9}{'slices/s':>10}")
-    print(f"{'bare model.predict (preprocessed, in memory)':<52}{b:>9.3f}{n / b:>10.1f}")
-    print(f"{'medpipe infer_study (Zarr+preprocess+predict)':<52}{s:>9.3f}{n / s:>10.1f}")
-    print(f"{'preprocessing alone (one process, not in bare)':<52}{t_pre:>9.3f}{n / t_pre:>10.1f}")
-    f = min(floor)
-    print(f"{'predict_on_batch loop (TF alone, in memory)':<52}{f:>9.3f}{n / f:>10.1f}")
-    print(f"ratio stage / bare: {b / s:.2f} (goal >= 0.9)")
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    pairs = np.array(times["bare"]) / np.array(times["stage"])
+    res = stage.res  # type: ignore[attr-defined]
+    print(f"study: {n} slices of {args.pixels}x{args.pixels} int16 at {spacing[1]:g} mm, batch {args.batch}, "
+          f"model {info.name} {info.version} {info.input_shape}; {os.cpu_count()} CPUs, "
+          f"{args.workers} workers x {args.threads} thread(s); {args.repeats} interleaved repeats")
+    print(f"load average (1, 5, 15 min): before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+          f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print(f"{'path':<56}{'median s':>10}{'best s':>9}{'slices/s':>10}")
+    rows = [("bare model.predict (preprocessed, in memory)", "bare"),
+            ("medpipe infer_study (Zarr+preprocess+predict)", "stage"),
+            ("predict_on_batch loop (TF alone, in memory)", "floor")]
+    for label, k in rows:
+        print(f"{label:<56}{med[k]:>10.3f}{best[k]:>9.3f}{n / med[k]:>10.1f}")
+    p = float(np.median(pre))
+    print(f"{'preprocessing alone, from memory (not in bare)':<56}{p:>10.3f}{min(pre):>9.3f}{n / p:>10.1f}")
+    print(f"ratio stage / bare: median {np.median(pairs):.2f} (pairs {pairs.min():.2f}-{pairs.max():.2f}); "
+          f"stage / predict_on_batch loop: {med['floor'] / med['stage']:.2f} (goal >= 0.9)")
+    for where, ms in (("one worker (TF on its threads)", worker_ms), ("this process (TF on all cores)", main_ms)):
+        total = sum(ms.values())
+        print(f"per batch of {args.batch}, {where}: " + ", ".join(
+            f"{k} {v:.1f} ms ({100 * v / total:.0f}%)" for k, v in ms.items()))
     print(f"peak RSS: bare process {bare_rss:.0f} MiB; workers "
           + ", ".join(f"{v:.0f} MiB" for v in worker_rss.values())
-          + f"; model loads per worker: {sorted(loads.values())}; score {res['study_score']:.3f}")
+          + f"; model loads per worker: {sorted(loads.values())}; study score {res['study_score']:.3f}")
 
 
 if __name__ == "__main__":
