@@ -53,6 +53,7 @@ def prefect_server(home: Path | None = None, *, ui: bool = False, port: int | No
     """Start ``prefect server start`` on loopback and yield its API URL; stop it on exit."""
     own_home = home is None
     home = Path(home or tempfile.mkdtemp(prefix="medpipe-prefect-"))
+    home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     env = {
         **os.environ,
