@@ -35,7 +35,7 @@ MEDPIPE_CLI = {
 }
 
 # Options of `dask cuda worker` in dask-cuda 26.10 (dask_cuda/cli.py), used where dask-cuda is not
-# installed (it pins dask 2026.7.1, the development environment has 2026.8.0).
+# installed (the `gpu` extra: the suite runs without it).
 DASK_CUDA_WORKER_FLAGS = {
     "--host", "--worker-port", "--listen-address", "--contact-address", "--nthreads", "--name",
     "--memory-limit", "--device-memory-limit", "--rmm-pool-size", "--rmm-maximum-pool-size",

@@ -360,15 +360,11 @@ def test_dockerfile_cuda_pins_agree_with_constraints():
     assert args["TF_VERSION"] == _constraint("tensorflow-cpu")
     assert '"tensorflow[and-cuda]==${TF_VERSION}"' in text
     assert "pip uninstall -y tensorflow-cpu" in text
-    # The sed that moves the dask pair finds its lines in constraints.txt.
-    _constraint("dask"), _constraint("distributed")
-    assert args["DASK_CUDA_VERSION"] == args["RMM_VERSION"]
-    # Every image of the stack runs the same Dask: compose builds the CPU image with this version.
-    compose = load_yaml(DEPLOY / "compose.yaml")
-    for name, service in compose["services"].items():
-        build = service.get("build", {})
-        if build.get("dockerfile", "").endswith("Dockerfile.cpu"):
-            assert build["args"]["DASK_VERSION"] == args["DASK_VERSION"], name
+    # GPU pins sit on top of the CPU set, whose dask is the one dask-cuda requires.
+    gpu = (ROOT / "constraints-gpu.txt").read_text()
+    assert "-c constraints.txt" in gpu and "-c constraints-gpu.txt" in text
+    assert re.search(r"^dask-cuda==26\.10\.", gpu, re.MULTILINE) and _constraint("dask") == "2026.7.1"
+    assert _constraint("distributed") == _constraint("dask")
 
 
 # --------------------------------------------------------------------------------------------
