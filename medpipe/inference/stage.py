@@ -237,6 +237,33 @@ def _flag_ranges(idx: np.ndarray) -> str:
     return ", ".join(parts)
 
 
+def outside_field_of_view(shape: tuple[int, ...], spacing: tuple[float, ...], info: ModelInfo,
+                          min_fraction: float = 0.5) -> str | None:
+    """Why slices of this in-plane ``shape`` and ``spacing`` are outside the model's domain, or None.
+
+    A model trained on a fixed millimetre grid (``spacing_mm``) sees a slice covering far less
+    than that grid as a small patch in an empty frame, which it never saw in training; its score
+    there means nothing (seen: a 50 mm crop around a spine scored 1.0). Such studies are skipped
+    with this reason instead of reporting a confident number.
+
+    >>> from medpipe.inference.model import ModelInfo
+    >>> info = ModelInfo("m", "1", "", "", (128, 128, 1), "slice_classification", ("no", "yes"),
+    ...                  (-1000.0, 400.0), 2.0, 0.5, ("CT",))
+    >>> outside_field_of_view((512, 512), (0.7, 0.7), info) is None
+    True
+    >>> print(outside_field_of_view((128, 128), (0.4, 0.4), info))
+    field of view 51 x 51 mm is under half of model m's 256 x 256 mm input: outside the model's domain
+    """
+    if info.spacing_mm is None:
+        return None  # the model resizes whole slices: any field of view is its domain
+    fov = [n * s for n, s in zip(shape, spacing)]
+    grid = info.size * info.spacing_mm
+    if all(f >= min_fraction * grid for f in fov):
+        return None
+    return (f"field of view {fov[0]:.0f} x {fov[1]:.0f} mm is under half of model {info.name}'s "
+            f"{grid:.0f} x {grid:.0f} mm input: outside the model's domain")
+
+
 def infer_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     """Run the configured model over every axial slice of a study.
 
@@ -279,6 +306,9 @@ def infer_study(study_dir: Path, modality: str, cfg: Config) -> dict:
                                    f"(covers {', '.join(info.modalities)})"}
     image_path = study_dir / "image.zarr"
     meta = _check_image(key, image_path)
+    outside = outside_field_of_view(meta.shape[1:], meta.spacing[1:], info)
+    if outside:
+        return {**base, "skipped": outside}
     n = meta.shape[0]
     bs = mcfg.batch_size
     spacing = tuple(meta.spacing[1:])

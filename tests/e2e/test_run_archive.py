@@ -153,3 +153,11 @@ def test_rerun_skips_unchanged_and_keeps_outputs(first_run: dict, archive: dict)
     unchanged = [s["study_key"] for s in archive["summary"]["studies"] if s["study_key"] != mr["study_key"]]
     assert all(status[k] == "skipped" for k in unchanged), status
     assert (out / "studies" / ct["study_key"] / "report.json").read_bytes() == before
+
+
+def test_model_skips_slices_outside_its_domain(first_run: dict, archive: dict) -> None:
+    """pydicom's CT_small is a 50 mm crop: the phantom-trained model must not score it."""
+    small = next(s for s in archive["summary"]["studies"] if s["name"] == "CT_small")
+    report = json.loads((first_run["out"] / "studies" / small["study_key"] / "report.json").read_text())
+    assert "outside the model's domain" in report["model"]["skipped"]
+    assert not report["model"].get("outputs", {}).get("study_label")
