@@ -14,6 +14,19 @@ studies, by folder name.
 
 * JSON: an object ``{"<study>": 0 or 1, ...}``.
 
+Reference masks (segmentation models)
+-------------------------------------
+For a model whose ``model.output`` is ``segmentation``, the labels file instead maps each
+study to a reference mask file, a path relative to the labels file: CSV with the columns
+``study,mask`` (or ``study,label``), or JSON ``{"<study>": "masks/a.npy", ...}``. A mask is a
+``.npy`` array or a Zarr array, or an OME-Zarr label image (read at level ``0``), of shape
+(z, y, x) in the ingested voxel order, i.e. the shape of the study's ``image.zarr``. With a
+binary model any non-zero voxel is foreground; with several model labels
+(``model.labels = [background, a, b, ...]``) mask values 1, 2, ... are the labels a, b, ... and
+each is scored too. The evaluation reports per-study Dice, voxel precision and recall against
+the model's mask (``image.zarr/labels/model``) and the mean and median Dice over studies; a
+study whose mask shape differs from its image is listed as an error.
+
 Archive
 -------
 Either a folder of ingested studies (``<study>/image.zarr``, as written by the pipeline or by
@@ -35,14 +48,16 @@ import numpy as np
 
 from ..atomic import write_bytes, write_json, write_text
 from ..config import Config
-from ..errors import InputError, MedpipeError
+from ..errors import InputError, MedpipeError, StudyError
 from ..keys import study_key
 from .data import make_labelled_volumes
+from .dice import mask_counts, overlap_scores, read_mask
 from .stage import infer_study
 
 log = logging.getLogger(__name__)
 
-__all__ = ["binary_metrics", "evaluate_archive", "evaluate_studies", "make_labelled_volumes", "read_labels_file"]
+__all__ = ["binary_metrics", "evaluate_archive", "evaluate_masks", "evaluate_studies", "make_labelled_volumes",
+           "read_labels_file", "read_mask_labels"]
 
 
 def read_labels_file(path: str | Path) -> dict[str, int]:
@@ -69,6 +84,36 @@ def read_labels_file(path: str | Path) -> dict[str, int]:
     if bad:
         raise InputError(path, f"labels must be 0 or 1; not so for {bad[:5]}")
     return labels
+
+
+def read_mask_labels(path: str | Path) -> dict[str, Path]:
+    """Read a labels file that names reference masks (CSV ``study,mask`` or JSON) into ``{study: path}``.
+
+    Relative mask paths are taken relative to the labels file's folder; whether the masks
+    exist is checked per study during evaluation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "labels file not found")
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError("JSON labels must be an object mapping study to a mask path")
+            items = list(raw.items())
+        else:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                col = next((c for c in ("mask", "label") if c in (reader.fieldnames or [])), None)
+                if "study" not in (reader.fieldnames or []) or col is None:
+                    raise ValueError("CSV mask labels need a header with the columns study,mask")
+                items = [(row["study"], row[col]) for row in reader]
+    except (ValueError, KeyError) as exc:
+        raise InputError(path, f"unreadable labels: {exc}") from None
+    bad = sorted(str(k) for k, v in items if not isinstance(v, str) or not v.strip())
+    if bad:
+        raise InputError(path, f"a segmentation model needs a mask path per study; not so for {bad[:5]}")
+    return {str(k).strip(): path.parent / v.strip() for k, v in items}
 
 
 def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
@@ -117,7 +162,7 @@ def roc_png(y_true: np.ndarray, scores: np.ndarray, title: str) -> bytes:
     return buf.getvalue()
 
 
-def _match(labels: dict[str, int], key: str, uid: str | None, salt: str) -> int | None:
+def _match(labels: dict[str, Any], key: str, uid: str | None, salt: str) -> Any:
     for name in (key, uid):
         if name is not None and name in labels:
             return labels[name]
@@ -177,6 +222,113 @@ def evaluate_studies(
     return record
 
 
+def _mask_names(labels: list[str]) -> dict[int, str]:
+    """Label values of a multi-label model ({} for a binary one: any non-zero is foreground)."""
+    return {i: name for i, name in enumerate(labels) if i > 0} if len(labels) > 2 else {}
+
+
+def _study_overlap(key: str, folder: Path, mask_path: Path, cfg: Config) -> dict[str, Any]:
+    """Infer one study and score its model mask against ``mask_path``; raises MedpipeError."""
+    from .. import omezarr
+
+    try:
+        reference = read_mask(mask_path)
+    except (OSError, ValueError) as exc:  # the message names the mask file
+        raise StudyError(key, f"unreadable reference mask: {exc}") from None
+    try:
+        image_shape = tuple(omezarr.read_meta(folder / "image.zarr").shape)
+    except Exception as exc:
+        raise StudyError(key, f"cannot read image.zarr: {exc}") from None
+    if tuple(reference.shape) != image_shape:  # checked before inference: no time spent on it
+        raise StudyError(key, f"reference mask {mask_path} has shape {tuple(reference.shape)}, "
+                              f"the prediction has shape {image_shape}")
+    res = infer_study(folder, _modality(folder), cfg)
+    if "skipped" in res:
+        raise StudyError(key, res["skipped"])
+    names = _mask_names(cfg.model.labels)
+    prediction = read_mask(folder / "image.zarr" / "labels" / "model")
+    scores = overlap_scores(mask_counts(reference, prediction, max(1, len(names))), names)
+    return {"study": key, "mask": str(mask_path), **scores, "flags": res["flags"], "model": res["model"]}
+
+
+def _summary(values: list[float | None]) -> dict[str, Any]:
+    v = np.array([x for x in values if x is not None], float)
+    return {"n": int(v.size), "mean": float(v.mean()) if v.size else None,
+            "median": float(np.median(v)) if v.size else None}
+
+
+def evaluate_masks(
+    studies: dict[str, Path], masks: dict[str, Path], out_dir: str | Path, cfg: Config,
+    *, uids: dict[str, str] | None = None, title: str = "evaluation",
+) -> dict[str, Any]:
+    """Run a segmentation model on ingested ``studies`` ({key: folder}) and score its masks by Dice.
+
+    Parameters
+    ----------
+    studies : dict of str to Path
+        Study key to the study folder holding ``image.zarr``.
+    masks : dict of str to Path
+        Study (key, StudyInstanceUID or folder name) to its reference mask (see the module
+        docstring for the formats).
+    out_dir : str or Path
+        Receives ``evaluation.json``, ``evaluation.md`` and ``evaluation.html``.
+    cfg : Config
+        ``cfg.model`` must describe a segmentation model.
+    uids, title
+        As in :func:`evaluate_studies`.
+
+    Returns
+    -------
+    dict
+        ``kind`` ("segmentation"), ``metrics`` (``n``, ``dice_mean``, ``dice_median``,
+        ``precision_mean``, ``recall_mean`` and, for a multi-label model, ``labels``:
+        ``{name: {n, mean, median}}`` of Dice), per-study ``studies`` rows (``dice``,
+        ``precision``, ``recall``, voxel counts, ``labels``), ``errors`` (study and reason, e.g.
+        a mask whose shape differs from the image), ``unlabelled``, ``model``.
+    """
+    if cfg.model.output != "segmentation":
+        raise ValueError(f"evaluate_masks needs a segmentation model; model.output is {cfg.model.output!r}")
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    errors, unlabelled = [], []
+    for key, folder in sorted(studies.items()):
+        mask_path = _match(masks, key, (uids or {}).get(key), cfg.ingest.uid_salt)
+        if mask_path is None:
+            unlabelled.append(key)
+            continue
+        try:
+            rows.append(_study_overlap(key, folder, mask_path, cfg))
+        except MedpipeError as exc:
+            errors.append({"study": key, "error": str(exc)})
+    if not rows:
+        first = f"; first error: {errors[0]['study']}: {errors[0]['error']}" if errors else ""
+        raise InputError(out_dir, f"no study with a reference mask could be evaluated ({len(errors)} errors, "
+                                  f"{len(unlabelled)} unlabelled){first}")
+    dice = _summary([r["dice"] for r in rows])
+    metrics: dict[str, Any] = {
+        "n": len(rows), "dice_mean": dice["mean"], "dice_median": dice["median"],
+        "precision_mean": _summary([r["precision"] for r in rows])["mean"],
+        "recall_mean": _summary([r["recall"] for r in rows])["mean"],
+    }
+    names = _mask_names(cfg.model.labels)
+    if names:
+        metrics["labels"] = {n: _summary([r["labels"][n]["dice"] for r in rows]) for n in names.values()}
+    model = rows[-1]["model"]
+    for r in rows:
+        del r["model"]
+    record = {
+        "title": title, "kind": "segmentation", "model": model, "metrics": metrics,
+        "studies": rows, "errors": errors, "unlabelled": unlabelled, "roc_png": None,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "evaluation.json", record)
+    write_text(out_dir / "evaluation.md", _markdown_masks(record))
+    write_text(out_dir / "evaluation.html", _html_masks(record))
+    return record
+
+
 def _modality(folder: Path) -> str:
     """Modality of an ingested study from its image attributes (CT when not recorded)."""
     from .. import omezarr
@@ -231,6 +383,59 @@ def _html(rec: dict[str, Any]) -> str:
             f"{rows}</table>\n")
 
 
+def _model_line(rec: dict[str, Any]) -> str:
+    return f"{rec['model']['name']} {rec['model']['version']} (sha256 {rec['model']['sha256'][:16]}...)"
+
+
+def _markdown_masks(rec: dict[str, Any]) -> str:
+    m = rec["metrics"]
+    lines = [
+        f"# {rec['title']}", "", f"Model: {_model_line(rec)}, segmentation", "",
+        "| studies | mean Dice | median Dice | mean precision | mean recall |", "|---|---|---|---|---|",
+        f"| {m['n']} | {_fmt(m['dice_mean'])} | {_fmt(m['dice_median'])} | {_fmt(m['precision_mean'])} "
+        f"| {_fmt(m['recall_mean'])} |", "",
+    ]
+    if m.get("labels"):
+        lines += ["| label | studies | mean Dice | median Dice |", "|---|---|---|---|"]
+        lines += [f"| {n} | {v['n']} | {_fmt(v['mean'])} | {_fmt(v['median'])} |" for n, v in m["labels"].items()]
+        lines += [""]
+    lines += ["| study | Dice | precision | recall | reference voxels | predicted voxels |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['study']} | {_fmt(r['dice'])} | {_fmt(r['precision'])} | {_fmt(r['recall'])} "
+              f"| {r['voxels_reference']} | {r['voxels_predicted']} |" for r in rec["studies"]]
+    lines += [""]
+    if rec["errors"]:
+        lines += [f"Not evaluated ({len(rec['errors'])}):"] + [f"- {e['study']}: {e['error']}" for e in rec["errors"]]
+    if rec["unlabelled"]:
+        lines += [f"Studies without a reference mask: {len(rec['unlabelled'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def _html_masks(rec: dict[str, Any]) -> str:
+    from html import escape
+
+    m = rec["metrics"]
+    head = "".join(f"<td>{_fmt(m[k])}</td>" for k in ("n", "dice_mean", "dice_median", "precision_mean",
+                                                        "recall_mean"))
+    per_label = ""
+    if m.get("labels"):
+        per_label = ("<h2>Labels</h2><table border=1><tr><th>label</th><th>studies</th><th>mean Dice</th>"
+                     "<th>median Dice</th></tr>" +
+                     "".join(f"<tr><td>{escape(n)}</td><td>{v['n']}</td><td>{_fmt(v['mean'])}</td>"
+                             f"<td>{_fmt(v['median'])}</td></tr>" for n, v in m["labels"].items()) + "</table>")
+    rows = "".join(f"<tr><td>{escape(r['study'])}</td><td>{_fmt(r['dice'])}</td><td>{_fmt(r['precision'])}</td>"
+                   f"<td>{_fmt(r['recall'])}</td><td>{r['voxels_reference']}</td><td>{r['voxels_predicted']}</td>"
+                   "</tr>" for r in rec["studies"])
+    errors = "".join(f"<li>{escape(e['study'])}: {escape(e['error'])}</li>" for e in rec["errors"])
+    return (f"<!doctype html><meta charset='utf-8'><title>{escape(rec['title'])}</title>"
+            f"<h1>{escape(rec['title'])}</h1><p>Model {escape(_model_line(rec))}, segmentation</p>"
+            "<table border=1><tr><th>studies</th><th>mean Dice</th><th>median Dice</th><th>mean precision</th>"
+            f"<th>mean recall</th></tr><tr>{head}</tr></table>{per_label}"
+            "<h2>Studies</h2><table border=1><tr><th>study</th><th>Dice</th><th>precision</th><th>recall</th>"
+            f"<th>reference voxels</th><th>predicted voxels</th></tr>{rows}</table>"
+            + (f"<h2>Not evaluated</h2><ul>{errors}</ul>" if errors else "") + "\n")
+
+
 def _ingested(archive: Path) -> dict[str, Path]:
     return {p.parent.name: p.parent for p in sorted(archive.glob("*/image.zarr"))} or \
            {p.parent.name: p.parent for p in sorted(archive.glob("studies/*/image.zarr"))}
@@ -245,9 +450,11 @@ def evaluate_archive(archive: Path, labels_file: Path, out_dir: Path, cfg: Confi
         A folder of ingested studies (``<study>/image.zarr`` or ``studies/<study>/image.zarr``)
         or a DICOM archive, which is ingested into ``out_dir/studies`` first.
     labels_file : Path
-        CSV (``study,label``) or JSON (``{study: 0|1}``); see the module docstring.
+        CSV (``study,label``) or JSON (``{study: 0|1}``); for a segmentation model, reference
+        mask paths instead (``study,mask``); see the module docstring.
     out_dir : Path
-        Receives ``evaluation.json``, ``evaluation.md``, ``evaluation.html`` and ``roc.png``.
+        Receives ``evaluation.json``, ``evaluation.md``, ``evaluation.html`` and (classification
+        with both classes present) ``roc.png``.
     cfg : Config
         Model and ingest settings.
 
@@ -255,17 +462,20 @@ def evaluate_archive(archive: Path, labels_file: Path, out_dir: Path, cfg: Confi
     -------
     dict
         ``metrics`` (n, positives, threshold, accuracy, precision, recall, f1, roc_auc,
-        confusion), per-study ``studies`` rows, ``errors``, ``unlabelled``, ``model``, ``rule``.
+        confusion), per-study ``studies`` rows, ``errors``, ``unlabelled``, ``model``, ``rule``;
+        for a segmentation model the Dice record of :func:`evaluate_masks`.
     """
     archive, out_dir = Path(archive), Path(out_dir)
     if not archive.is_dir():
         raise InputError(archive, "archive folder not found")
-    labels = read_labels_file(labels_file)
+    segmentation = cfg.model.output == "segmentation"
+    labels = read_mask_labels(labels_file) if segmentation else read_labels_file(labels_file)
     studies = _ingested(archive)
     uids: dict[str, str] = {}
     if not studies:
         studies, uids = _ingest_dicom(archive, out_dir / "studies", cfg)
-    return evaluate_studies(studies, labels, out_dir, cfg, uids=uids, title=f"Evaluation of {archive.name}")
+    evaluate = evaluate_masks if segmentation else evaluate_studies
+    return evaluate(studies, labels, out_dir, cfg, uids=uids, title=f"Evaluation of {archive.name}")
 
 
 def _ingest_dicom(archive: Path, dest: Path, cfg: Config) -> tuple[dict[str, Path], dict[str, str]]:
