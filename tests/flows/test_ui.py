@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,25 @@ def read_flow_run(name: str) -> Any:
         return run
 
 
+def open_run_link(page, run_name: str, timeout_s: float = 120.0) -> None:
+    """Click the run's link in the deployment's run list, reloading until the list shows it.
+
+    The UI refreshes that list on its own schedule; on a loaded machine a new run took longer
+    to appear than one locator timeout (seen in a fresh-clone CI run).
+    """
+    link = page.get_by_role("link", name=run_name, exact=True).first
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            link.wait_for(state="visible", timeout=10_000)
+            break
+        except sync_api.TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+            page.reload()
+    link.click()
+
+
 def test_custom_run_from_the_prefect_ui(prefect_api, medpipe_serve, small_archive, write_archive, tmp_path, page):
     expect = sync_api.expect
     ui = prefect_api.removesuffix("/api")
@@ -94,7 +114,7 @@ def test_custom_run_from_the_prefect_ui(prefect_api, medpipe_serve, small_archiv
 
             # Back on the deployment page, the run is listed; its own page shows it finish.
             page.wait_for_url(f"**/deployments/deployment/{dep.id}?**")
-            page.get_by_role("link", name=run_name, exact=True).first.click()
+            open_run_link(page, run_name)
             page.wait_for_url("**/runs/flow-run/**")
             badge = page.locator(".state-badge").first
             expect(badge).to_have_text("Completed", timeout=150_000)  # the UI polls the API
