@@ -60,25 +60,34 @@ __all__ = ["binary_metrics", "evaluate_archive", "evaluate_masks", "evaluate_stu
            "read_labels_file", "read_mask_labels"]
 
 
-def read_labels_file(path: str | Path) -> dict[str, int]:
-    """Read a labels file (CSV ``study,label`` or JSON mapping) into ``{study: 0|1}``."""
-    path = Path(path)
+def _read_study_table(path: Path, columns: tuple[str, ...], what: str) -> list[tuple[str, Any]]:
+    """``(study, value)`` rows of a CSV with a ``study`` column and the first of ``columns``, or
+    of a JSON object mapping study to value."""
     if not path.is_file():
         raise InputError(path, "labels file not found")
     try:
         if path.suffix.lower() == ".json":
             raw = json.loads(path.read_text())
             if not isinstance(raw, dict):
-                raise ValueError("JSON labels must be an object mapping study to 0/1")
-            items = list(raw.items())
-        else:
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or not {"study", "label"} <= set(reader.fieldnames):
-                    raise ValueError("CSV labels need a header with the columns study,label")
-                items = [(row["study"], row["label"]) for row in reader]
-        labels = {str(k).strip(): int(v) for k, v in items}
-    except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"JSON labels must be an object mapping study to {what}")
+            return [(str(k).strip(), v) for k, v in raw.items()]
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            col = next((c for c in columns if c in (reader.fieldnames or [])), None)
+            if "study" not in (reader.fieldnames or []) or col is None:
+                raise ValueError(f"CSV labels need a header with the columns study,{columns[0]}")
+            return [(row["study"].strip(), row[col]) for row in reader]
+    except (ValueError, KeyError) as exc:
+        raise InputError(path, f"unreadable labels: {exc}") from None
+
+
+def read_labels_file(path: str | Path) -> dict[str, int]:
+    """Read a labels file (CSV ``study,label`` or JSON mapping) into ``{study: 0|1}``."""
+    path = Path(path)
+    items = _read_study_table(path, ("label",), "0/1")
+    try:
+        labels = {k: int(v) for k, v in items}
+    except (ValueError, TypeError) as exc:
         raise InputError(path, f"unreadable labels: {exc}") from None
     bad = sorted(k for k, v in labels.items() if v not in (0, 1))
     if bad:
@@ -93,27 +102,11 @@ def read_mask_labels(path: str | Path) -> dict[str, Path]:
     exist is checked per study during evaluation.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "labels file not found")
-    try:
-        if path.suffix.lower() == ".json":
-            raw = json.loads(path.read_text())
-            if not isinstance(raw, dict):
-                raise ValueError("JSON labels must be an object mapping study to a mask path")
-            items = list(raw.items())
-        else:
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                col = next((c for c in ("mask", "label") if c in (reader.fieldnames or [])), None)
-                if "study" not in (reader.fieldnames or []) or col is None:
-                    raise ValueError("CSV mask labels need a header with the columns study,mask")
-                items = [(row["study"], row[col]) for row in reader]
-    except (ValueError, KeyError) as exc:
-        raise InputError(path, f"unreadable labels: {exc}") from None
-    bad = sorted(str(k) for k, v in items if not isinstance(v, str) or not v.strip())
+    items = _read_study_table(path, ("mask", "label"), "a mask path")
+    bad = sorted(k for k, v in items if not isinstance(v, str) or not v.strip())
     if bad:
         raise InputError(path, f"a segmentation model needs a mask path per study; not so for {bad[:5]}")
-    return {str(k).strip(): path.parent / v.strip() for k, v in items}
+    return {k: path.parent / v.strip() for k, v in items}
 
 
 def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
