@@ -232,15 +232,8 @@ def restore_slices(model_grid: np.ndarray, geom: SliceGeometry, *, order: int = 
     """Map ``(n, size, size)`` model-grid maps (e.g. masks) back onto the original slice grid."""
     n = model_grid.shape[0]
     resampled = np.zeros((n, *geom.resampled), model_grid.dtype)
-    src, dst = [], []
-    for r, off in zip(geom.resampled, geom.offsets()):
-        if off >= 0:
-            dst.append(slice(off, off + geom.size))
-            src.append(slice(0, geom.size))
-        else:
-            dst.append(slice(0, r))
-            src.append(slice(-off, -off + r))
-    resampled[:, dst[0], dst[1]] = model_grid[:, src[0], src[1]]
+    on_resampled, on_model = _crop_ranges(geom)  # the crop, run backwards
+    resampled[:, on_resampled[0], on_resampled[1]] = model_grid[:, on_model[0], on_model[1]]
     if geom.resampled == geom.shape:
         return resampled
     return _zoom_slices(resampled, geom.shape, order=order)
