@@ -102,6 +102,7 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
         "studies": [],
         "issues": [],
     }
+    progress.emit("cluster", run["dask"])
     with run_lock(Path(out)):
         clean_work(Path(out))
         try:

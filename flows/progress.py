@@ -12,8 +12,8 @@ _listeners: list[Listener] = []
 def subscribe(listener: Listener) -> Callable[[], None]:
     """Call ``listener(event, data)`` on run events; returns a function that unsubscribes.
 
-    Events: ``planned`` ({"total", "to_process"}), ``study`` (a run.json study entry),
-    ``finished`` (the run record).
+    Events: ``cluster`` ({"dashboard"}), ``planned`` ({"total", "to_process"}), ``study`` (a
+    run.json study entry), ``finished`` (the run record).
     """
     _listeners.append(listener)
     return lambda: _listeners.remove(listener)

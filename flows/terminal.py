@@ -40,7 +40,9 @@ class RunDisplay:
         self.console.print(f"[bold red]{text}")
 
     def _on_event(self, event: str, data: dict[str, Any]) -> None:
-        if event == "planned":
+        if event == "cluster" and data.get("dashboard"):
+            self.console.log(f"Dask dashboard: {data['dashboard']}")
+        elif event == "planned":
             self.bar.update(self.task, description="studies", total=data["total"], completed=0)
         elif event == "study":
             self.bar.advance(self.task)
