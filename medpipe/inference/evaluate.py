@@ -341,7 +341,7 @@ def _markdown(rec: dict[str, Any]) -> str:
     m = rec["metrics"]
     lines = [
         f"# {rec['title']}", "",
-        f"Model: {rec['model']['name']} {rec['model']['version']} (sha256 {rec['model']['sha256'][:16]}...)  ",
+        f"Model: {_model_line(rec)}  ",
         f"Study score: {rec['rule']}, threshold {m['threshold']}", "",
         "| studies | positives | accuracy | precision | recall | F1 | ROC AUC |", "|---|---|---|---|---|---|---|",
         f"| {m['n']} | {m['positives']} | {_fmt(m['accuracy'])} | {_fmt(m['precision'])} | {_fmt(m['recall'])} "
@@ -351,11 +351,7 @@ def _markdown(rec: dict[str, Any]) -> str:
     ]
     if rec["roc_png"]:
         lines += ["![ROC curve](roc.png)", ""]
-    if rec["errors"]:
-        lines += [f"Not evaluated ({len(rec['errors'])}):"] + [f"- {e['study']}: {e['error']}" for e in rec["errors"]]
-    if rec["unlabelled"]:
-        lines += [f"Studies without a label: {len(rec['unlabelled'])}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _not_evaluated(rec, "a label")) + "\n"
 
 
 def _html(rec: dict[str, Any]) -> str:
@@ -374,6 +370,16 @@ def _html(rec: dict[str, Any]) -> str:
             f"<th>recall</th><th>F1</th><th>ROC AUC</th></tr><tr>{cells}</tr></table>{roc}"
             "<h2>Studies</h2><table border=1><tr><th>study</th><th>label</th><th>score</th><th>predicted</th></tr>"
             f"{rows}</table>\n")
+
+
+def _not_evaluated(rec: dict[str, Any], reference: str) -> list[str]:
+    """Markdown lines for the studies that errored or had no reference."""
+    lines = []
+    if rec["errors"]:
+        lines += [f"Not evaluated ({len(rec['errors'])}):"] + [f"- {e['study']}: {e['error']}" for e in rec["errors"]]
+    if rec["unlabelled"]:
+        lines += [f"Studies without {reference}: {len(rec['unlabelled'])}."]
+    return lines
 
 
 def _model_line(rec: dict[str, Any]) -> str:
@@ -397,11 +403,7 @@ def _markdown_masks(rec: dict[str, Any]) -> str:
     lines += [f"| {r['study']} | {_fmt(r['dice'])} | {_fmt(r['precision'])} | {_fmt(r['recall'])} "
               f"| {r['voxels_reference']} | {r['voxels_predicted']} |" for r in rec["studies"]]
     lines += [""]
-    if rec["errors"]:
-        lines += [f"Not evaluated ({len(rec['errors'])}):"] + [f"- {e['study']}: {e['error']}" for e in rec["errors"]]
-    if rec["unlabelled"]:
-        lines += [f"Studies without a reference mask: {len(rec['unlabelled'])}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _not_evaluated(rec, "a reference mask")) + "\n"
 
 
 def _html_masks(rec: dict[str, Any]) -> str:
