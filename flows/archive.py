@@ -141,9 +141,9 @@ def _drive(plans: list[dict[str, Any]], run_id: str, out: str, cfg: Config,
         key = plan["study_key"]
         fp = input_fingerprint(plan.get("fingerprint", ""), cfg.fingerprint(), (model or {}).get("sha256"))
         if plan.get("skip_reason"):
-            entries.append(_skipped(plan, plan["skip_reason"], layout))
+            entries.append(_entry(plan, layout, "skipped", reason=plan["skip_reason"]))
         elif not cfg.run.force and completed_fingerprint(layout.root, key) == fp:
-            entries.append(_skipped(plan, "unchanged since its last successful run", layout))
+            entries.append(_entry(plan, layout, "skipped", reason="unchanged since its last successful run"))
         else:
             todo.append(_Study(plan, str(layout.staging(run_id, key)), fp))
     progress.emit("planned", {"total": len(plans), "to_process": len(todo)})
@@ -194,7 +194,7 @@ def _drive(plans: list[dict[str, Any]], run_id: str, out: str, cfg: Config,
         fut.wait()  # the final state comes with the Dask result; the API may still say RUNNING
         state = fut.state
         if stage == "report":
-            entry = fut.result() if state.is_completed() else _failed_entry(study, state, layout)
+            entry = fut.result() if state.is_completed() else _report_failed(study, state, layout)
             entries.append(entry)
             progress.emit("study", entry)
             reported += 1
@@ -225,22 +225,19 @@ class _Study:
         return any(s is self for s, _ in running.values())
 
 
-def _skipped(plan: dict[str, Any], reason: str, layout: OutputLayout) -> dict[str, Any]:
+def _entry(plan: dict[str, Any], layout: OutputLayout, status: str, *, error: str | None = None,
+           reason: str | None = None) -> dict[str, Any]:
+    """A run.json study entry for a study with no report of this run (skipped, or report failed)."""
     key = plan["study_key"]
     exists = (layout.study(key) / "report.json").is_file()
-    return {"study_key": key, "status": "skipped", "error": None, "reason": reason,
-            "output": f"studies/{key}" if exists else None, "modality": plan.get("modality"),
-            "seconds": 0.0, "findings": None}
+    entry = {"study_key": key, "status": status, "error": error, "output": f"studies/{key}" if exists else None,
+             "modality": plan.get("modality"), "seconds": 0.0, "findings": None}
+    return {**entry, "reason": reason} if reason else entry
 
 
-def _failed_entry(study: _Study, state: Any, layout: OutputLayout) -> dict[str, Any]:
-    """The run.json entry of a study whose report task itself failed."""
+def _report_failed(study: _Study, state: Any, layout: OutputLayout) -> dict[str, Any]:
     errors = "; ".join(f"{k}: {v}" for k, v in study.errors.items())
-    text = f"{errors + '; ' if errors else ''}report: {_error_text(state)}"
-    exists = (layout.study(study.key) / "report.json").is_file()
-    return {"study_key": study.key, "status": "failed", "error": text,
-            "output": f"studies/{study.key}" if exists else None, "modality": study.plan.get("modality"),
-            "seconds": 0.0, "findings": None}
+    return _entry(study.plan, layout, "failed", error=f"{errors + '; ' if errors else ''}report: {_error_text(state)}")
 
 
 def _error_text(state: Any) -> str:
