@@ -17,6 +17,7 @@ which the next run removes.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -171,8 +172,8 @@ def exit_code(studies: list[dict[str, Any]]) -> int:
     return EXIT_STUDY_FAILED if any(s.get("status") == "failed" for s in studies) else EXIT_OK
 
 
-def versions() -> dict[str, str]:
-    """Versions of medpipe and the packages whose behaviour shapes the outputs."""
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"medpipe": __version__}
@@ -182,4 +183,9 @@ def versions() -> dict[str, str]:
             out[name] = version(name)
         except PackageNotFoundError:
             continue
-    return out
+    return tuple(out.items())
+
+
+def versions() -> dict[str, str]:
+    """Versions of medpipe and the packages whose behaviour shapes the outputs (read once)."""
+    return dict(_versions())
