@@ -1,6 +1,6 @@
 """medpipe's chunked operators vs SciPy (whole volume, one thread) vs dask-image.
 
-Run: ``.venv/bin/python benchmarks/operators.py [--shape 320 512 512] [--workers 2]``
+Run: ``.venv/bin/python benchmarks/operators.py [--shape 320 512 512] [--workers 2] [--only gaussian]``
 
 Inputs are persisted on a ``distributed.LocalCluster`` of worker processes (one thread each)
 before timing, as after reading Zarr; outputs are persisted there too (not gathered), so the
@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=(320, 512, 512))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--only", nargs="+", choices=["gaussian", "median", "label"],
+                   help="time only these operators (default: all)")
     args = p.parse_args()
 
     import dask.array as da
@@ -85,6 +87,8 @@ def main() -> None:
              our_label,
              dask_image_label),
         ]
+        if args.only:
+            cases = [c for c in cases if c[0].split()[0] in args.only]
         small = tuple(min(16, n) for n in shape)
         for _, data, _, ours, theirs in cases:  # warm-up: worker imports, first-call costs
             for impl in (ours, theirs):
@@ -106,7 +110,8 @@ def main() -> None:
         x = fresh(vol)
         np.testing.assert_allclose(ops.gaussian_filter(x, 2.0)[:16].compute(), ndi.gaussian_filter(vol, 2.0)[:16],
                                    rtol=1e-5, atol=1e-6)
-        assert ops.label(fresh(mask))[1] == ndi.label(mask)[1]
+        if not args.only or "label" in args.only:
+            assert ops.label(fresh(mask))[1] == ndi.label(mask)[1]
 
     import os
 
