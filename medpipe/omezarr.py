@@ -20,6 +20,8 @@ axis order) to patient LPS millimetres, because OME-Zarr cannot express rotation
 from __future__ import annotations
 
 import math
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,64 @@ def downsample(block: np.ndarray, factors: tuple[int, ...], *, labels: bool = Fa
     if block.dtype.kind in "iu":
         mean = np.rint(mean, out=mean)
     return mean.astype(block.dtype, copy=False)
+
+
+def write_block(target: zarr.Array, start: tuple[int, ...], block: np.ndarray) -> None:
+    """``target[start : start + block.shape] = block``, encoding whole chunks in this thread.
+
+    For a local store with medpipe's codecs (little-endian bytes, then Blosc) and a block that
+    covers whole chunks (or runs to the array's end), each chunk is compressed with NumPy's
+    view of the block and written as the chunk file the Zarr v3 spec names, in the calling
+    thread (Blosc releases the GIL). Zarr's own path funnels every chunk through its event loop
+    and copies each one several times; on the ingest benchmark this halves the time of writing
+    level 0 on 2 threads. Anything else goes through Zarr's ``__setitem__``.
+    """
+    region = tuple(slice(s, s + n) for s, n in zip(start, block.shape))
+    codec = _direct_codec(target)
+    chunks = target.chunks
+    aligned = all(s % c == 0 and (n % c == 0 or s + n == size)
+                  for s, n, c, size in zip(start, block.shape, chunks, target.shape))
+    if codec is None or not aligned or block.dtype != target.dtype:
+        target[region] = block
+        return
+    root = Path(target.store_path.store.root) / target.store_path.path
+    fill = target.fill_value
+    for index in np.ndindex(*(math.ceil(n / c) for n, c in zip(block.shape, chunks))):
+        part = block[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))]
+        key = target.metadata.encode_chunk_key(tuple(s // c + i for s, c, i in zip(start, chunks, index)))
+        path = root / key
+        if part.flat[0] == fill and not np.any(part != fill):  # like Zarr (write_empty_chunks=False): no file for a fill-only chunk
+            path.unlink(missing_ok=True)
+            continue
+        if part.shape != chunks:  # edge chunks are stored whole, padded with the fill value
+            padded = np.full(chunks, fill, dtype=block.dtype)
+            padded[tuple(slice(0, n) for n in part.shape)] = part
+            part = padded
+        data = codec.encode(np.ascontiguousarray(part))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+
+def _direct_codec(target: zarr.Array) -> Any:
+    """The numcodecs Blosc that Zarr would apply to ``target``'s chunks, or None where
+    :func:`write_block` must leave the writing to Zarr (other store, codecs or layout)."""
+    from numcodecs import Blosc
+    from zarr.codecs import BytesCodec
+    from zarr.storage import LocalStore
+
+    meta = target.metadata
+    codecs = getattr(meta, "codecs", ())
+    if (not isinstance(target.store_path.store, LocalStore) or len(codecs) != 2
+            or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], BloscCodec)
+            or getattr(codecs[0].endian, "value", None) != "little" or target.dtype.byteorder == ">"
+            or getattr(meta, "chunk_grid", None).__class__.__name__ != "RegularChunkGrid"):
+        return None
+    blosc = codecs[1]
+    shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+    return Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=shuffle[blosc.shuffle.value],
+                 blocksize=blosc.blocksize, typesize=blosc.typesize)
 
 
 def create_levels(

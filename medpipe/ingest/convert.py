@@ -41,7 +41,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from ..config import IngestConfig
 from ..errors import InputError, StudyError
-from ..omezarr import choose_chunks, create_image, create_levels, downsample, pyramid_factors
+from ..omezarr import choose_chunks, create_image, create_levels, downsample, pyramid_factors, write_block
 from .deid import source_facts
 from .geometry import Frame, build_geometry, frames_from_columns, read_frames
 from .plan import StudyPlan
@@ -174,17 +174,18 @@ def _read_pixels(path: str) -> pydicom.Dataset:
     return ds
 
 
-def write_slab(levels: list[str], z0: int, frames: list[Frame] | _Opaque, dtype: str,
+def write_slab(levels: list[zarr.Array] | _Opaque, z0: int, frames: list[Frame] | _Opaque, dtype: str,
                factors: list[tuple[int, int, int]]) -> tuple[list[tuple[int, str]], bool]:
     """Decode ``frames`` into a slab, write it at ``z0`` of level 0 and its share of each level below.
 
-    ``levels`` are the paths of the pyramid's arrays, level 0 first; ``factors`` the reductions
-    between them. The slab covers whole chunks at every level, so concurrent slab writers never
-    share a chunk. Returns ``(slab index, reason)`` for each frame that could not be decoded
+    ``levels`` are the pyramid's arrays, level 0 first (opened once per study, not per slab);
+    ``factors`` the reductions between them. The slab covers whole chunks at every level, so
+    concurrent slab writers never share a chunk. Returns ``(slab index, reason)`` for each frame that could not be decoded
     (left at 0), and whether a value did not fit int16 (then nothing is written). Nothing is
     raised, so that every slab task has finished when the caller decides what to do.
     """
     frames = frames.value if isinstance(frames, _Opaque) else frames
+    levels = levels.value if isinstance(levels, _Opaque) else levels
     first = frames[0]
     slab = np.zeros((len(frames), first.rows, first.columns), dtype)
     failed: list[tuple[int, str]] = []
@@ -201,13 +202,13 @@ def write_slab(levels: list[str], z0: int, frames: list[Frame] | _Opaque, dtype:
             failed.append((k, exc.reason))
         except Exception as exc:  # decoders raise many types; all mean the same for us
             failed.append((k, f"cannot decode pixel data: {type(exc).__name__}: {exc}"))
-    zarr.open_array(levels[0], mode="r+")[z0 : z0 + len(frames)] = slab
+    write_block(levels[0], (z0, 0, 0), slab)
     block = slab
-    for path, f in zip(levels[1:], factors):
+    for level, f in zip(levels[1:], factors):
         block = downsample(block, f)
         z0 //= f[0]
         if block.shape[0]:
-            zarr.open_array(path, mode="r+")[z0 : z0 + block.shape[0]] = block
+            write_block(level, (z0, 0, 0), block)
     return failed, False
 
 
@@ -224,8 +225,7 @@ def _write_volume(image_path: Path, geo: Any, dtype: np.dtype, cfg: IngestConfig
     chunks = (depth, *chunks[1:])
     create_image(image_path, geo.shape, dtype, geo.spacing, geo.affine, chunks=chunks,
                  attrs={**attrs, "dtype": dtype.name})
-    create_levels(image_path, cfg.pyramid_levels, z_chunks=[max(1, depth // z) for z in z_steps])
-    levels = [str(image_path / str(i)) for i in range(len(factors) + 1)]
+    levels = _Opaque(create_levels(image_path, cfg.pyramid_levels, z_chunks=[max(1, depth // z) for z in z_steps]))
     write = dask.delayed(write_slab, pure=False)
     tasks = [write(levels, z0, _Opaque(geo.frames[z0 : z0 + depth]), dtype.name, factors)
              for z0 in range(0, geo.shape[0], depth)]
