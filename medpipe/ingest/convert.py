@@ -86,18 +86,29 @@ def storage_dtype(frames: list[Frame]) -> np.dtype:
     return np.dtype(np.int16 if integral else np.float32)
 
 
-def _read_raw(frame: Frame) -> np.ndarray | None:
-    """Native pixels read with NumPy at the scan's offset; None when the file no longer matches."""
+def _read_raw(frame: Frame, out: np.ndarray | None = None) -> np.ndarray | None:
+    """Native pixels read with NumPy at the scan's offset; None when the file no longer matches.
+
+    With ``out`` (the frame's row of the slab) of the stored item size, the file is read
+    straight into it (saving a copy) and a view of it with the stored dtype is returned.
+    """
     offset, bits, stored, signed = frame.raw  # type: ignore[misc]
     dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
     n = frame.rows * frame.columns
+    into = (out.view(dtype) if out is not None and out.dtype.itemsize == dtype.itemsize
+            and out.shape == (frame.rows, frame.columns) and out.flags.c_contiguous else None)
     with open(frame.path, "rb") as fp:
         fp.seek(max(offset - 12, 0))
         head = fp.read(min(offset, 12))
         # explicit VR: tag, VR, reserved, length (12 bytes); implicit VR: tag, length (8 bytes)
         if not (head[:4] == _PIXEL_TAG or head[-8:-4] == _PIXEL_TAG):
             return None
-        arr = np.fromfile(fp, dtype=dtype, count=n)
+        if into is not None:
+            if fp.readinto(memoryview(into).cast("B")) != into.nbytes:
+                return None
+            arr = into.reshape(-1)
+        else:
+            arr = np.fromfile(fp, dtype=dtype, count=n)
     if arr.size != n:
         return None
     if stored < bits:  # as pydicom does: ignore the unused high bits (sign-extending if signed)
@@ -107,10 +118,10 @@ def _read_raw(frame: Frame) -> np.ndarray | None:
     return arr.reshape(frame.rows, frame.columns)
 
 
-def decode_stored(ds: pydicom.Dataset | None, frame: Frame) -> np.ndarray:
+def decode_stored(ds: pydicom.Dataset | None, frame: Frame, out: np.ndarray | None = None) -> np.ndarray:
     """One frame's stored values (2-D); RGB reduced to luminance (float32). ``ds`` may be None
-    when ``frame.raw`` says where NumPy can read the pixels."""
-    arr = _read_raw(frame) if frame.raw is not None else None
+    when ``frame.raw`` says where NumPy can read the pixels; those may be read into ``out``."""
+    arr = _read_raw(frame, out) if frame.raw is not None else None
     if arr is None:
         if ds is None:
             ds = _read_pixels(frame.path)
@@ -143,7 +154,8 @@ def to_physical(stored: np.ndarray, frame: Frame, dtype: np.dtype, out: np.ndarr
             out = np.empty(stored.shape, np.int16)
         if stored.dtype.itemsize > 2:  # values may exceed 16 bits; results fit: reduce first
             stored = stored.astype(np.int64)
-        np.copyto(out, stored, casting="unsafe")
+        if not (stored.ctypes.data == out.ctypes.data and stored.dtype.itemsize == 2):  # read in place
+            np.copyto(out, stored, casting="unsafe")
         if slope != 1:
             np.multiply(out, _wrap16(slope), out=out)
         if intercept != 0:
@@ -195,7 +207,7 @@ def write_slab(levels: list[zarr.Array] | _Opaque, z0: int, frames: list[Frame] 
             if frame.raw is None and (cache is None or cache[0] != frame.path):
                 cache = (frame.path, _read_pixels(frame.path))
             ds = cache[1] if cache is not None and cache[0] == frame.path else None
-            to_physical(decode_stored(ds, frame), frame, slab.dtype, out=slab[k])
+            to_physical(decode_stored(ds, frame, out=slab[k]), frame, slab.dtype, out=slab[k])
         except _OutOfRange:
             return failed, True
         except InputError as exc:

@@ -55,8 +55,9 @@ def test_values_beyond_int16_fall_back_to_float32(tmp_path):
     np.testing.assert_array_equal(data, vol)
 
 
-@pytest.mark.parametrize("bits_stored,signed", [(12, 1), (12, 0), (16, 1)])
-def test_raw_reads_match_pydicom_and_header_reread(tmp_path, bits_stored, signed):
+@pytest.mark.parametrize("bits_stored,signed,intercept", [(12, 1, -7), (12, 0, -7), (16, 1, -7), (16, 0, -32768)])
+def test_raw_reads_match_pydicom_and_header_reread(tmp_path, bits_stored, signed, intercept):
+    """Also uint16 words above 32767 that fit int16 once rescaled (read in place, wrapped exactly)."""
     rng = np.random.default_rng(bits_stored + signed)
     folder = tmp_path / "a"
     files = write_series(np.zeros((5, 12, 10)), (2.0, 1.0, 1.0), folder)
@@ -65,7 +66,7 @@ def test_raw_reads_match_pydicom_and_header_reread(tmp_path, bits_stored, signed
         ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, signed
         words = rng.integers(0, 2**16, (12, 10), dtype=np.uint16)
         ds.PixelData = words.astype("<u2").tobytes()
-        ds.RescaleIntercept, ds.RescaleSlope = -7, 1
+        ds.RescaleIntercept, ds.RescaleSlope = intercept, 1
         ds.save_as(f)
     scan = scan_archive(folder)
     assert all(i.raw_pixels is not None for i in scan.instances)
@@ -75,7 +76,7 @@ def test_raw_reads_match_pydicom_and_header_reread(tmp_path, bits_stored, signed
     ingest_study(slow_plan, tmp_path / "slow")
     fast = read_image(tmp_path / "fast" / "image.zarr").compute()
     slow = read_image(tmp_path / "slow" / "image.zarr").compute()
-    ref = np.stack([pydicom.dcmread(f).pixel_array.astype(np.int64) - 7 for f in files])
+    ref = np.stack([pydicom.dcmread(f).pixel_array.astype(np.int64) + intercept for f in files])
     np.testing.assert_array_equal(fast, ref)
     np.testing.assert_array_equal(slow, ref)
     assert res["dtype"] == read_meta(tmp_path / "slow" / "image.zarr").dtype == "int16"
