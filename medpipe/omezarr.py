@@ -64,15 +64,21 @@ class ImageMeta:
 
 
 def choose_chunks(shape: tuple[int, ...], itemsize: int, target_mb: float = 4.0) -> tuple[int, int, int]:
-    """Chunk shape near ``target_mb`` MiB: whole rows and columns up to 256, then depth in z.
+    """Chunk shape near ``target_mb`` MiB: whole rows and columns up to 512, then depth in z.
+
+    CT and MR slices (512x512 and smaller) are then whole in every chunk: a chunk is a
+    contiguous stack of slices of the ingest slab (compressed without a copy), and reading a
+    slice touches one chunk. Larger images (radiographs, mammograms) are tiled at 512.
 
     >>> choose_chunks((300, 512, 512), 4, 4.0)
-    (16, 256, 256)
+    (4, 512, 512)
+    >>> choose_chunks((300, 3000, 2000), 2, 4.0)
+    (8, 512, 512)
     >>> choose_chunks((1, 64, 64), 4)
     (1, 64, 64)
     """
     z, y, x = shape
-    cy, cx = min(y, 256), min(x, 256)
+    cy, cx = min(y, 512), min(x, 512)
     depth = max(1, int(target_mb * 2**20 // (cy * cx * itemsize)))
     return (min(z, depth), cy, cx)
 
