@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from ..config import IngestConfig
 from ..keys import uid_key
+from .header import pixel_element_at, read_header
 
 log = logging.getLogger(__name__)
 
@@ -138,32 +138,11 @@ def pixel_element(fp: Any, size: int, ds: pydicom.Dataset) -> tuple[bool, str | 
         full = pydicom.dcmread(fp.name, force=True)
         return any(t in full for t in PIXEL_TAGS), None, None
     pos = fp.tell()
-    head = fp.read(12)
-    if len(head) < 8:
-        return False, None, None
-    group, elem = struct.unpack("<HH", head[:4])
-    if (group, elem) not in PIXEL_TAGS:
-        return False, None, None
     implicit, little = getattr(ds, "original_encoding", (False, True))
-    if not little:
-        return True, None, None  # big endian (retired): leave it to pydicom
-    if implicit:
-        length, header_len = struct.unpack("<I", head[4:8])[0], 8
-    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"UN"):
-        length, header_len = struct.unpack("<I", head[8:12])[0], 12
-    else:
-        length, header_len = struct.unpack("<H", head[6:8])[0], 8
-    if length == 0xFFFFFFFF:  # encapsulated (compressed): at least the item tags must follow
-        return True, None if size > pos + header_len + 8 else "truncated: encapsulated pixel data is empty", None
-    available = size - pos - header_len
-    if available < length:
-        return True, f"truncated: pixel data declares {length} bytes, file holds {max(available, 0)}", None
-    if length == 0:
-        return True, "pixel data is empty", None
-    return True, None, pos + header_len if (group, elem) == (0x7FE0, 0x0010) else None
+    return pixel_element_at(fp.read(12), pos, size, implicit, little)
 
 
-def _raw_pixels(ds: pydicom.Dataset, offset: int | None) -> tuple[int, int, int, int] | None:
+def _raw_pixels(ds: Mapping[str, Any], offset: int | None) -> tuple[int, int, int, int] | None:
     """Where NumPy can read the pixels directly: one native monochrome frame of 8 or 16 bits."""
     try:
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -192,13 +171,26 @@ def read_instance(path: str | Path, salt: str = "medpipe") -> Instance | FileIss
         return FileIssue(spath, "empty file (0 bytes)")
     try:
         with open(path, "rb") as fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-            has_pixels, problem, offset = pixel_element(fp, st.st_size, ds)
+            header = read_header(fp, st.st_size)  # the common case, several times faster
+            if header is None:  # not sure: pydicom reads it, exactly as before the fast path
+                fp.seek(0)
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+                has_pixels, problem, offset = pixel_element(fp, st.st_size, ds)
     except (InvalidDicomError, EOFError) as exc:
         return FileIssue(spath, f"not a DICOM file ({exc})")
     except Exception as exc:  # pydicom raises many types on garbage; each is a bad file
         return FileIssue(spath, f"unreadable DICOM header: {type(exc).__name__}: {exc}")
-    meta = getattr(ds, "file_meta", None)
+    if header is not None:
+        return _instance(spath, st, header.dataset, header.meta, header.has_pixels, header.problem,
+                         header.offset, salt)
+    return _instance(spath, st, ds, getattr(ds, "file_meta", None), has_pixels, problem, offset, salt)
+
+
+def _instance(spath: str, st: os.stat_result, ds: Mapping[str, Any], meta: Mapping[str, Any] | None,
+              has_pixels: bool, problem: str | None, offset: int | None, salt: str) -> Instance | FileIssue:
+    """The one builder of an :class:`Instance` for both readers: ``ds`` and ``meta`` answer
+    ``get(keyword, default)`` and ``keyword in`` (a pydicom Dataset, or :func:`read_header`'s
+    dicts), so that the fast path cannot drift from pydicom's."""
     if meta is not None and meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
         return FileIssue(spath, "DICOMDIR index (ignored)")
     study_uid = str(ds.get("StudyInstanceUID", "") or "")
