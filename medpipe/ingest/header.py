@@ -58,6 +58,7 @@ WANTED: dict[int, tuple[str, str]] = {
     0x00281053: ("RescaleSlope", "DS"),
 }
 PRESENCE = {0x52009230: "PerFrameFunctionalGroupsSequence"}  # only whether it is there
+_SPECIAL = frozenset(WANTED) | PRESENCE.keys() | PIXEL_TAGS  # elements the walk looks at
 META = {0x00020002: "MediaStorageSOPClassUID", 0x00020010: "TransferSyntaxUID"}
 # keywords whose value read_instance uses as one value: several values -> pydicom's path
 _SINGLE = {"SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "Modality", "SeriesDescription",
@@ -266,8 +267,28 @@ def _top_level(buf: bytes, pos: int, implicit: bool, size: int, dataset: dict[st
     """Walk the top-level dataset up to the pixel data (its position) or the end of the file
     (None); collect the raw values of WANTED and mark PRESENCE keywords in ``dataset``."""
     raw: dict[int, tuple[bytes | None, bytes]] = {}
+    n, special = len(buf), _SPECIAL
     while pos < size:
-        tag, vr, length, vpos = _element(buf, pos, implicit)
+        # the hot loop (~50 elements a file): _element's work inlined where the buffer allows
+        if pos + 12 > n:
+            tag, vr, length, vpos = _element(buf, pos, implicit)
+        elif implicit:
+            group, elem, length = _IMPLICIT_HEAD(buf, pos)
+            tag, vr, vpos = group << 16 | elem, None, pos + 8
+        else:
+            group, elem, vr, length = _EXPLICIT_HEAD(buf, pos)
+            tag = group << 16 | elem
+            if vr in _SHORT_VRS:
+                vpos = pos + 8
+            elif vr in _LONG_VRS:
+                length, vpos = _U32(buf, pos + 8)[0], pos + 12
+            else:
+                tag, vr, length, vpos = _element(buf, pos, implicit)
+        if tag not in special and length != UNDEFINED and tag < 0xFFFE0000:
+            pos = vpos + length  # not needed: skip
+            if pos > size:
+                raise _Decline  # truncated inside the header
+            continue
         if tag in PIXEL_TAGS:
             return pos, raw
         if tag >> 16 == 0xFFFE:
