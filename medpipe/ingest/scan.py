@@ -223,7 +223,7 @@ def _instance(spath: str, st: os.stat_result, ds: Mapping[str, Any], meta: Mappi
         series_description=str(ds.get("SeriesDescription", "") or ""),
         series_number=_int_or_none(ds.get("SeriesNumber")),
         instance_number=_int_or_none(ds.get("InstanceNumber")),
-        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
+        image_type=_strings(ds.get("ImageType")),
         rows=rows,
         columns=cols,
         samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
@@ -239,6 +239,17 @@ def _instance(spath: str, st: os.stat_result, ds: Mapping[str, Any], meta: Mappi
         per_frame_groups="PerFrameFunctionalGroupsSequence" in ds,
         raw_pixels=_raw_pixels(ds, offset),
     )
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    """A multi-valued text attribute as upper-case strings; one value is one string, not its letters.
+
+    >>> _strings("LOCALIZER"), _strings(["ORIGINAL", "primary"]), _strings(None)
+    (('LOCALIZER',), ('ORIGINAL', 'PRIMARY'), ())
+    """
+    if not value:
+        return ()
+    return (str(value).upper(),) if isinstance(value, str) else tuple(str(v).upper() for v in value)
 
 
 def _float_or(value: Any, default: Any = None) -> Any:

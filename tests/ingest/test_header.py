@@ -225,3 +225,11 @@ def test_pixel_element_problems_read_the_same(tmp_path, monkeypatch):
         path.write_bytes(data[:-cut])
         rec = _assert_same(path, monkeypatch)
         assert rec["reason"] == f"truncated: pixel data declares 240 bytes, file holds {240 - cut}"
+
+
+def test_single_valued_image_type_is_one_value(tmp_path, monkeypatch):
+    """ImageType "LOCALIZER" alone (VM 1) marks a localizer on both paths, not its letters."""
+    ds = pydicom.dcmread(_series(tmp_path, implicit=False)[0])
+    ds.ImageType = "LOCALIZER"
+    rec = _assert_same(_save(ds, tmp_path / "loc", implicit=False), monkeypatch)
+    assert tuple(rec["image_type"]) == ("LOCALIZER",)
