@@ -7,7 +7,8 @@ measures, each phase in a fresh process so that peak memory is its own:
   (the faster of 1 and ``--threads`` threads);
 * medpipe: ``scan_archive`` + ``plan_studies`` + ``ingest_study`` for every study (sorted,
   rescaled volume in HU, int16 when integral, compressed Zarr, 3-level pyramid), on
-  ``--threads`` Dask threads; scan+plan and ``ingest_study`` are also timed apart;
+  ``--threads`` Dask threads; scan+plan and ``ingest_study`` are also timed apart (the
+  best of two runs, as the floor is the best of its two);
 * disk: the bytes medpipe wrote, written again as 1 MiB files (write + rename, as Zarr's
   store does), to show the bound the disk sets.
 
@@ -67,6 +68,8 @@ def phase_floor(root: Path, threads: int) -> dict:
 
 
 def phase_medpipe(root: Path, out: Path, threads: int) -> dict:
+    """Best of two runs in one process, like the floor (which runs with 1 and ``threads``
+    threads): the first run also pays one-time costs (lazy imports, thread pools)."""
     import dask
 
     from medpipe.config import IngestConfig
@@ -74,17 +77,21 @@ def phase_medpipe(root: Path, out: Path, threads: int) -> dict:
 
     cfg = IngestConfig()
     files = _files(root)
-    t0 = time.perf_counter()
-    with dask.config.set(scheduler="threads", num_workers=threads):
-        plans = plan_studies(scan_archive(root, cfg), cfg)
-        t1 = time.perf_counter()
-        for p in plans:
-            ingest_study(p, out / p.study_key, cfg)
-    t2 = time.perf_counter()
+    best = None
+    for run in range(2):
+        target = out / f"run{run}"
+        t0 = time.perf_counter()
+        with dask.config.set(scheduler="threads", num_workers=threads):
+            plans = plan_studies(scan_archive(root, cfg), cfg)
+            t1 = time.perf_counter()
+            for p in plans:
+                ingest_study(p, target / p.study_key, cfg)
+        t2 = time.perf_counter()
+        if best is None or t2 - t0 < best["seconds"]:
+            best = {"seconds": t2 - t0, "scan_seconds": t1 - t0, "ingest_seconds": t2 - t1}
     nbytes = sum(p.stat().st_size for p in files)
-    written = sum(p.stat().st_size for p in _files(out))
-    return {"seconds": t2 - t0, "scan_seconds": t1 - t0, "ingest_seconds": t2 - t1, "threads": threads,
-            "bytes": nbytes, "slices": len(files), "written": written}
+    written = sum(p.stat().st_size for p in _files(out / "run0"))
+    return {**best, "threads": threads, "bytes": nbytes, "slices": len(files), "written": written}
 
 
 def phase_disk(out: Path, nbytes: int) -> dict:
