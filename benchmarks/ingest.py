@@ -9,6 +9,8 @@ measures, each phase in a fresh process so that peak memory is its own:
   rescaled volume in HU, int16 when integral, compressed Zarr, 3-level pyramid), on
   ``--threads`` Dask threads; scan+plan and ``ingest_study`` are also timed apart (the
   best of two runs, as the floor is the best of its two);
+* bare: a lower bound for any writer of level 0 (pixels at a known offset, compressed with
+  medpipe's codec, one file per 8 slices; no parsing, sorting, rescale or pyramid);
 * disk: the bytes medpipe wrote, written again as 1 MiB files (write + rename, as Zarr's
   store does), to show the bound the disk sets.
 
@@ -94,6 +96,48 @@ def phase_medpipe(root: Path, out: Path, threads: int) -> dict:
     return {**best, "threads": threads, "bytes": nbytes, "slices": len(files), "written": written}
 
 
+def phase_bare(root: Path, out: Path, threads: int) -> dict:
+    """A lower bound for any writer of medpipe's level 0: each 8 files' pixels (the last
+    ``size*size*2`` bytes of this archive's files) into a slab, compressed with medpipe's int16
+    codec and written as one chunk file; no DICOM parsing, sorting, rescale or pyramid. Best of two."""
+    import os
+
+    import numpy as np
+    from numcodecs import Blosc
+
+    from medpipe.omezarr import _compressors
+
+    spec = _compressors(np.int16)[0]
+    shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+    codec = Blosc(cname=spec.cname.value, clevel=spec.clevel, shuffle=shuffle[spec.shuffle.value])
+    files = _files(root)
+    side = int(((files[0].stat().st_size - 1024) // 2) ** 0.5)  # the archive's square slices
+    groups = [files[i:i + 8] for i in range(0, len(files), 8)]
+
+    def chunk(target: Path, i: int, group: list[Path]) -> int:
+        slab = np.empty((len(group), side, side), np.int16)
+        for k, f in enumerate(group):
+            with open(f, "rb") as fp:
+                fp.seek(-side * side * 2, os.SEEK_END)
+                fp.readinto(memoryview(slab[k]).cast("B"))
+        data = codec.encode(slab)
+        tmp = target / f"{i}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, target / str(i))
+        return len(data)
+
+    best = None
+    for run in range(2):  # into new folders, as medpipe's two runs
+        target = out / f"run{run}"
+        target.mkdir(parents=True)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            written = sum(pool.map(lambda a: chunk(target, *a), enumerate(groups)))
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    return {"seconds": best, "written": written}
+
+
 def phase_disk(out: Path, nbytes: int) -> dict:
     import os
 
@@ -122,7 +166,7 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--phase", choices=["make", "floor", "medpipe", "disk"], help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=["make", "floor", "medpipe", "bare", "disk"], help=argparse.SUPPRESS)
     ap.add_argument("--nbytes", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -134,6 +178,8 @@ def main() -> None:
     if args.phase:
         if args.phase == "disk":
             res = phase_disk(args.out, args.nbytes)
+        elif args.phase == "bare":
+            res = phase_bare(args.root, args.out, args.threads)
         else:
             res = phase_floor(args.root, args.threads) if args.phase == "floor" else phase_medpipe(args.root, args.out, args.threads)
         res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -146,6 +192,7 @@ def main() -> None:
         _child("floor", tmp / "archive", tmp / "out", args.threads)  # warm the page cache once
         floor = _child("floor", tmp / "archive", tmp / "out", args.threads)
         ours = _child("medpipe", tmp / "archive", tmp / "out", args.threads)
+        bare = _child("bare", tmp / "archive", tmp / "bare", args.threads)
         disk = _child("disk", tmp / "archive", tmp / "disk", args.threads, "--nbytes", str(ours["written"]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,6 +204,8 @@ def main() -> None:
               f"{r['seconds']:10.2f}{r['peak_rss_mib']:14.0f}")
     for name, sec in (("  of which scan + plan", ours["scan_seconds"]), ("  of which ingest_study", ours["ingest_seconds"])):
         print(f"{name:28s}{ours['bytes'] / 1e6 / sec:10.1f}{ours['slices'] / sec:10.1f}{sec:10.2f}")
+    print(f"bare chunk writer (no parsing, rescale or pyramid): {bare['seconds']:.2f} s, "
+          f"{bare['written'] / 2**20:.0f} MiB; {floor['seconds'] / bare['seconds']:.2f} of the floor")
     print(f"medpipe wrote {ours['written'] / 2**20:.0f} MiB; the disk writes that as 1 MiB files in "
           f"{disk['seconds']:.2f} s ({disk['written'] / 2**20 / disk['seconds']:.0f} MiB/s)")
     print(f"medpipe / floor: {floor['seconds'] / ours['seconds']:.2f} "
