@@ -168,11 +168,23 @@ def write_image(
 
 
 def store_aligned(data: np.ndarray | da.Array, target: zarr.Array) -> None:
-    """Store ``data`` into ``target`` with one writer per Zarr chunk (no partial-chunk races)."""
+    """Store ``data`` into ``target`` with one writer per Zarr chunk (no partial-chunk races),
+    each encoding its chunks itself (:func:`write_block`)."""
     if isinstance(data, np.ndarray):
-        target[...] = data
+        write_block(target, (0,) * data.ndim, data)
         return
-    da.store(data.rechunk(target.chunks), target, lock=False)
+    da.store(data.rechunk(target.chunks), _BlockWriter(target), lock=False)
+
+
+class _BlockWriter:
+    """``da.store`` target that hands each block to :func:`write_block` (picklable for workers)."""
+
+    def __init__(self, array: zarr.Array):
+        self.array = array
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __setitem__(self, region: tuple[slice, ...], block: np.ndarray) -> None:
+        write_block(self.array, tuple(s.start or 0 for s in region), np.asarray(block))
 
 
 def pyramid_factors(shape: tuple[int, ...], levels: int) -> list[tuple[int, int, int]]:
