@@ -23,8 +23,10 @@ of slices and studies.
 Speed
 -----
 The scan's header facts travel in the plan (``StudyPlan.headers``), so headers are parsed once;
-native little-endian monochrome pixels are read with NumPy at the offset the scan found
-(checked against the PixelData tag), other transfer syntaxes are decoded by pydicom.
+native little-endian monochrome pixels are read straight into the slab at the offset the scan
+found (checked against the PixelData tag), other transfer syntaxes are decoded by pydicom.
+Each slab task compresses and writes its own chunks (:func:`~medpipe.omezarr.write_block`),
+so slab tasks run in parallel; figures in docs/benchmarks.md.
 """
 
 from __future__ import annotations
