@@ -89,9 +89,10 @@ def correlate1d(
         o3 = out.reshape(pre, n_out, post)
     extended = source_index(n, len(w) // 2, mode)
     taps = np.arange(len(w))
-    groups = [(a, min(a + GROUP, n_out), *_band(extended[np.arange(low + a, low + min(a + GROUP, n_out))[:, None]
-                                                         + taps], w, cval))
-              for a in range(0, n_out, GROUP)]
+    groups = []  # (first output, end, K, bias, first source, end source) per GROUP outputs
+    for a in range(0, n_out, GROUP):
+        b = min(a + GROUP, n_out)
+        groups.append((a, b, *_band(extended[np.arange(low + a, low + b)[:, None] + taps], w, cval)))
     cols = min(post, max(1, TILE_BYTES // (8 * n)))
     rows = max(1, TILE_BYTES // (8 * n * cols))
     result = np.empty((min(rows, pre), n_out, cols))
