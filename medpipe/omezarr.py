@@ -257,9 +257,12 @@ def write_block(target: zarr.Array, start: tuple[int, ...], block: np.ndarray) -
             padded[tuple(slice(0, n) for n in part.shape)] = part
             part = padded
         data = codec.encode(np.ascontiguousarray(part))
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except FileNotFoundError:  # the chunk's folder is new: only then make it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
         os.replace(tmp, path)
 
 
