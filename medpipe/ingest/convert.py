@@ -196,8 +196,8 @@ _THREAD = threading.local()
 def _slab_buffer(shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
     """This thread's slab buffer, reused by its next slab task (every row is overwritten).
 
-    A fresh 16 MiB array per slab costs its page faults again (the ingest benchmark's
-    ``ingest_study``: 0.70 s in a fresh process against 0.55 s once buffers were warm).
+    A fresh array per slab pays its page faults again: on the ingest benchmark (then with
+    16 MiB slabs) ``ingest_study`` took 0.70 s in a fresh process against 0.55 s once warm.
     """
     nbytes = int(np.prod(shape)) * dtype.itemsize
     buf = getattr(_THREAD, "slab", None)
@@ -212,9 +212,10 @@ def write_slab(levels: list[zarr.Array] | _Opaque, z0: int, frames: list[Frame] 
 
     ``levels`` are the pyramid's arrays, level 0 first (opened once per study, not per slab);
     ``factors`` the reductions between them. The slab covers whole chunks at every level, so
-    concurrent slab writers never share a chunk. Returns ``(slab index, reason)`` for each frame that could not be decoded
-    (left at 0), and whether a value did not fit int16 (then nothing is written). Nothing is
-    raised, so that every slab task has finished when the caller decides what to do.
+    concurrent slab writers never share a chunk. Returns ``(slab index, reason)`` for each
+    frame that could not be decoded (left at 0), and whether a value did not fit int16 (then
+    nothing is written). Nothing is raised, so that every slab task has finished when the
+    caller decides what to do.
     """
     frames = frames.value if isinstance(frames, _Opaque) else frames
     levels = levels.value if isinstance(levels, _Opaque) else levels
