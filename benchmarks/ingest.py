@@ -103,13 +103,10 @@ def phase_bare(root: Path, out: Path, threads: int) -> dict:
     import os
 
     import numpy as np
-    from numcodecs import Blosc
 
-    from medpipe.omezarr import _compressors
+    from medpipe.omezarr import _compressors, numcodecs_blosc
 
-    spec = _compressors(np.int16)[0]
-    shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
-    codec = Blosc(cname=spec.cname.value, clevel=spec.clevel, shuffle=shuffle[spec.shuffle.value])
+    codec = numcodecs_blosc(_compressors(np.int16)[0])
     files = _files(root)
     side = int(((files[0].stat().st_size - 1024) // 2) ** 0.5)  # the archive's square slices
     groups = [files[i:i + 8] for i in range(0, len(files), 8)]

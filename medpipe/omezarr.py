@@ -249,7 +249,7 @@ def write_block(target: zarr.Array, start: tuple[int, ...], block: np.ndarray) -
         part = block[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))]
         key = target.metadata.encode_chunk_key(tuple(s // c + i for s, c, i in zip(start, chunks, index)))
         path = root / key
-        if part.flat[0] == fill and not np.any(part != fill):  # like Zarr (write_empty_chunks=False): no file for a fill-only chunk
+        if part.flat[0] == fill and not np.any(part != fill):  # as Zarr: no file for a fill-only chunk
             path.unlink(missing_ok=True)
             continue
         if part.shape != chunks:  # edge chunks are stored whole, padded with the fill value
@@ -269,7 +269,6 @@ def write_block(target: zarr.Array, start: tuple[int, ...], block: np.ndarray) -
 def _direct_codec(target: zarr.Array) -> Any:
     """The numcodecs Blosc that Zarr would apply to ``target``'s chunks, or None where
     :func:`write_block` must leave the writing to Zarr (other store, codecs or layout)."""
-    from numcodecs import Blosc
     from zarr.codecs import BytesCodec
     from zarr.storage import LocalStore
 
@@ -280,7 +279,13 @@ def _direct_codec(target: zarr.Array) -> Any:
             or getattr(codecs[0].endian, "value", None) != "little" or target.dtype.byteorder == ">"
             or getattr(meta, "chunk_grid", None).__class__.__name__ != "RegularChunkGrid"):
         return None
-    blosc = codecs[1]
+    return numcodecs_blosc(codecs[1])
+
+
+def numcodecs_blosc(blosc: BloscCodec) -> Any:
+    """The numcodecs ``Blosc`` with the settings of Zarr's ``BloscCodec`` (what Zarr runs)."""
+    from numcodecs import Blosc
+
     shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
     return Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=shuffle[blosc.shuffle.value],
                  blocksize=blosc.blocksize, typesize=blosc.typesize)
