@@ -33,6 +33,10 @@ from zarr.codecs import BloscCodec
 
 OME_VERSION = "0.5"
 AXES = [{"name": n, "type": "space", "unit": "millimeter"} for n in ("z", "y", "x")]
+# Arrays carry the axes' names (OME-Zarr 0.5 requires dimension_names to match them) and keep
+# their chunk files side by side as "c.z.y.x": nested "c/z/y/x" made new folders for almost
+# every chunk, about 1-2 ms each on ext4 (RFC-2 lets OME-Zarr 0.5 use any chunk key encoding).
+ARRAY_LAYOUT = {"dimension_names": ("z", "y", "x"), "chunk_key_encoding": {"name": "default", "separator": "."}}
 LABELS_NAME = "segmentation"
 
 
@@ -137,7 +141,7 @@ def create_image(
     chunks = chunks or choose_chunks(shape, dtype.itemsize)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     arr = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, compressors=_compressors(dtype),
-                             fill_value=0)
+                             fill_value=0, **ARRAY_LAYOUT)
     group.attrs.update(
         {
             "ome": {
@@ -317,7 +321,7 @@ def create_levels(
         chunks = tuple(min(c, n) for c, n in zip((depth, *level0.chunks[1:]), shape))
         arrays.append(group.create_array(
             str(level), shape=shape, chunks=chunks, dtype=level0.dtype,
-            compressors=_compressors(level0.dtype), fill_value=0, overwrite=True,
+            compressors=_compressors(level0.dtype), fill_value=0, overwrite=True, **ARRAY_LAYOUT,
         ))
         scales.append(scale)
         translations.append(trans)

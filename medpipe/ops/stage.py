@@ -94,7 +94,8 @@ def filter_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     final = study_dir / FILTERED
     tmp = study_dir / f".{FILTERED}.tmp"
     target = zarr.create_array(str(tmp), shape=level0.shape, chunks=level0.chunks, dtype=np.float32,
-                               compressors=omezarr._compressors(), fill_value=0, overwrite=True)
+                               compressors=omezarr._compressors(), fill_value=0, overwrite=True,
+                               **omezarr.ARRAY_LAYOUT)
     omezarr.store_aligned(out, target)
     from ..atomic import replace_dir
 
