@@ -286,13 +286,18 @@ def _direct_codec(target: zarr.Array) -> Any:
     return numcodecs_blosc(codecs[1])
 
 
-def numcodecs_blosc(blosc: BloscCodec) -> Any:
-    """The numcodecs ``Blosc`` with the settings of Zarr's ``BloscCodec`` (what Zarr runs)."""
+def numcodecs_blosc(blosc: BloscCodec, dtype: Any = None) -> Any:
+    """The numcodecs ``Blosc`` with the settings of Zarr's ``BloscCodec`` (what Zarr runs).
+
+    An array's codec knows its item size; give ``dtype`` for one not yet bound to an array
+    (its ``typesize`` is 1 until then, which makes shuffling useless for int16).
+    """
     from numcodecs import Blosc
 
     shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+    typesize = np.dtype(dtype).itemsize if dtype is not None else blosc.typesize
     return Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=shuffle[blosc.shuffle.value],
-                 blocksize=blosc.blocksize, typesize=blosc.typesize)
+                 blocksize=blosc.blocksize, typesize=typesize)
 
 
 def create_levels(
