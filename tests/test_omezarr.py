@@ -53,3 +53,15 @@ def test_unaligned_blocks_go_through_zarr(pair):
     block = np.full((3, 5, 5), 9, np.int16)
     omezarr.write_block(arr, (1, 2, 3), block)  # not on chunk boundaries: Zarr merges
     assert (arr[1:4, 2:7, 3:8] == 9).all() and arr[...].sum() == 9 * block.size
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint16", "uint8"])
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (2, 1, 1)])
+def test_integer_downsample_is_the_rounded_box_mean(dtype, factors):
+    """The plane-by-plane integer path: exact box means, rounded half to even, odd shapes trimmed."""
+    info = np.iinfo(dtype)
+    a = np.random.default_rng(1).integers(info.min, info.max, (9, 13, 10), endpoint=True).astype(dtype)
+    kz, ky, kx = factors
+    nz, ny, nx = 9 // kz, 13 // ky, 10 // kx
+    boxes = a[:nz * kz, :ny * ky, :nx * kx].astype(np.float64).reshape(nz, kz, ny, ky, nx, kx)
+    np.testing.assert_array_equal(omezarr.downsample(a, factors), np.rint(boxes.mean(axis=(1, 3, 5))).astype(dtype))
