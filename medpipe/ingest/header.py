@@ -19,7 +19,8 @@ from pydicom.datadict import dictionary_VR
 
 CHUNK = 64 * 1024  # one read holds the whole header of ordinary files
 IMPLICIT_LE = "1.2.840.10008.1.2"
-DECLINED_SYNTAXES = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated
+DEFLATED = "1.2.840.10008.1.2.1.99"
+DECLINED_SYNTAXES = {"1.2.840.10008.1.2.2", DEFLATED}  # big endian, deflated
 PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD

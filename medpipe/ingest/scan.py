@@ -18,13 +18,11 @@ from pydicom.errors import InvalidDicomError
 
 from ..config import IngestConfig
 from ..keys import uid_key
-from .header import pixel_element_at, read_header
+from .header import DEFLATED, PIXEL_TAGS, pixel_element_at, read_header
 
 log = logging.getLogger(__name__)
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
-DEFLATED = "1.2.840.10008.1.2.1.99"
-PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 FILES_PER_TASK = 64
 
 
@@ -120,16 +118,10 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n else None
 
 
-def _pixel_element_problem(fp: Any, size: int, ds: pydicom.Dataset) -> tuple[bool, str | None]:
-    """Whether the file has pixel data and, if so, whether its declared length fits in the file."""
-    has, problem, _ = pixel_element(fp, size, ds)
-    return has, problem
-
-
 def pixel_element(fp: Any, size: int, ds: pydicom.Dataset) -> tuple[bool, str | None, int | None]:
-    """Like ``_pixel_element_problem``, plus the byte offset of native (not encapsulated)
-    little-endian PixelData's value, or None. ``fp`` must stand just after the header
-    (``dcmread(fp, stop_before_pixels=True)``)."""
+    """Whether the file has pixel data; if so, why its declared length does not fit in the file
+    (or None), and the byte offset of native (not encapsulated) little-endian PixelData's value
+    (or None). ``fp`` must stand just after the header (``dcmread(fp, stop_before_pixels=True)``)."""
     if any(t in ds for t in PIXEL_TAGS):  # read in full (e.g. small files without file meta)
         return True, None, None
     meta = getattr(ds, "file_meta", None)
