@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -72,8 +73,6 @@ def phase_floor(root: Path, threads: int) -> dict:
 def phase_medpipe(root: Path, out: Path, threads: int) -> dict:
     """Best of two runs in one process, like the floor (which runs with 1 and ``threads``
     threads), after a scan of one file has paid the one-time imports."""
-    import os
-
     import dask
 
     from medpipe.config import IngestConfig
@@ -108,8 +107,6 @@ def phase_bare(root: Path, out: Path, threads: int) -> dict:
     """A lower bound for any writer of medpipe's level 0: each 8 files' pixels (the last
     ``size*size*2`` bytes of this archive's files) into a slab, compressed with medpipe's int16
     codec and written as one chunk file; no DICOM parsing, sorting, rescale or pyramid. Best of two."""
-    import os
-
     import numpy as np
 
     from medpipe.omezarr import _compressors, numcodecs_blosc
@@ -145,8 +142,6 @@ def phase_bare(root: Path, out: Path, threads: int) -> dict:
 
 
 def phase_disk(out: Path, nbytes: int) -> dict:
-    import os
-
     out.mkdir(parents=True, exist_ok=True)
     block = os.urandom(2**20)
     os.sync()
