@@ -82,6 +82,24 @@ def test_raw_reads_match_pydicom_and_header_reread(tmp_path, bits_stored, signed
     assert res["dtype"] == read_meta(tmp_path / "slow" / "image.zarr").dtype == "int16"
 
 
+def test_files_changed_after_the_scan_are_read_by_pydicom(tmp_path):
+    """The raw read checks the PixelData tag at the scan's offset: a file rewritten since (its
+    pixels moved) is decoded by pydicom, and one truncated since becomes a dropped slice."""
+    vol = ramp_volume()
+    files = write_series(vol, (2.0, 1.0, 1.0), tmp_path / "a")
+    plan = plan_studies(scan_archive(tmp_path / "a"))[0]
+    moved = pydicom.dcmread(files[2])
+    moved.ImageComments = "x" * 101  # before PixelData: shifts it by over 100 bytes
+    moved.save_as(files[2])
+    res = ingest_study(plan, tmp_path / "moved")
+    np.testing.assert_array_equal(read_image(tmp_path / "moved" / "image.zarr").compute(), vol)
+    assert not any("dropped" in w for w in res["warnings"])
+    data = files[4].read_bytes()
+    files[4].write_bytes(data[: len(data) - 50])
+    res = ingest_study(plan, tmp_path / "cut")
+    assert any("slice dropped" in w and str(files[4]) in w for w in res["warnings"])
+
+
 def _break_pixels(path):
     """Declare JPEG 2000 over bytes that are none: the header scans fine, decoding fails."""
     ds = pydicom.dcmread(path)
