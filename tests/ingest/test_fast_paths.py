@@ -124,3 +124,24 @@ def test_undecodable_slice_dropped_as_a_gap_or_refused(tmp_path):
     with pytest.raises(StudyError, match="cannot decode pixel data") as err:
         ingest_study(plan, tmp_path / "refuse", IngestConfig(on_inconsistency="refuse"))
     assert str(files[2]) in str(err.value)
+
+
+def test_slices_dropped_in_several_slab_tasks_are_each_named(tmp_path):
+    """A series of several slab tasks (40 slices of 512x512 at chunk_mb=1: 2-slice chunks, 32-slice
+    slabs): each undecodable slice is reported with its own file, and every other slice lands in
+    its place, at every pyramid level."""
+    rng = np.random.default_rng(7)
+    vol = rng.integers(-1000, 2000, (40, 512, 512)).astype(np.int16)
+    files = write_series(vol, (1.0, 0.5, 0.5), tmp_path / "a")
+    broken = [3, 35]  # one in each slab task
+    for i in broken:
+        _break_pixels(files[i])
+    cfg = IngestConfig(chunk_mb=1.0)
+    res = ingest_study(plan_studies(scan_archive(tmp_path / "a"), cfg)[0], tmp_path / "out", cfg)
+    dropped = [w for w in res["warnings"] if "slice dropped" in w]
+    assert len(dropped) == 2 and all(any(str(files[i]) in w for w in dropped) for i in broken), dropped
+    kept = np.delete(vol, broken, 0)
+    image = tmp_path / "out" / "image.zarr"
+    assert read_meta(image).levels == 3 and res["chunks"][0] == 2
+    np.testing.assert_array_equal(read_image(image).compute(), kept)
+    np.testing.assert_array_equal(read_image(image, 1).compute(), downsample(kept, (2, 2, 2)))
