@@ -121,18 +121,12 @@ def _read_raw(frame: Frame, out: np.ndarray | None = None) -> np.ndarray | None:
 
 
 def _pread(path: str, buffers: list[Any], offset: int) -> int:
-    """Fill ``buffers`` with the file's bytes from ``offset`` on; the number of bytes read.
-
-    One ``preadv`` call where the OS has it: the slab tasks' threads then hand the GIL over
-    once per slice instead of at every call of a buffered file's open, seek, read and close.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    """Fill ``buffers`` with the file's bytes from ``offset`` on (one POSIX ``preadv``); the
+    number of bytes read. One call instead of a buffered file's open, seek, read and close:
+    the slab tasks' threads then hand the GIL over once per slice, not at every step."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        if hasattr(os, "preadv"):
-            return os.preadv(fd, buffers, offset)
-        with open(fd, "rb", buffering=0, closefd=False) as f:  # Windows has no preadv
-            f.seek(offset)
-            return sum(f.readinto(b) or 0 for b in buffers)
+        return os.preadv(fd, buffers, offset)
     finally:
         os.close(fd)
 
