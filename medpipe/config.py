@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -53,6 +53,21 @@ class IngestConfig(_Section):
     )
     skip_localizers: bool = Field(True, description="Drop LOCALIZER images from series (with a warning).")
     uid_salt: str = Field("medpipe", description="Salt of the one-way hash that makes study keys.")
+    max_series_voxels: int = Field(
+        1_000_000_000, ge=1,
+        description="Most voxels a series may have (1e9: a 512x512x3000 CT is 7.9e8); a file may claim at most "
+                    "this many, a frame at most 1/16 of it. Larger series are skipped, larger files named and skipped.",
+    )
+    on_nonfinite: Literal["warn", "refuse"] = Field(
+        "refuse",
+        description="Non-finite or unparseable RescaleSlope/RescaleIntercept, NaN/Inf float voxels: refuse drops the "
+                    "file (named issue); warn keeps it with those voxels set to 0 and a warning naming the file.",
+    )
+    on_duplicate_conflict: Literal["warn", "refuse"] = Field(
+        "refuse",
+        description="Files sharing a SOPInstanceUID with different pixels: refuse drops them all (named issues); "
+                    "warn keeps the first by path and names the kept and dropped files. Identical copies: one kept.",
+    )
 
 
 class FilterStep(_Section):
@@ -60,6 +75,16 @@ class FilterStep(_Section):
 
     op: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+def _check_step(kind: str, step: FilterStep, where: str) -> None:
+    """``ConfigError`` naming ``where`` when ``step`` names no operator or has bad parameters."""
+    from .ops._check import check_step  # lazily: the operators import Dask and SciPy
+
+    try:
+        check_step(kind, step.op, step.params, where)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _default_filters() -> dict[str, list[FilterStep]]:
@@ -78,6 +103,14 @@ class FilterConfig(_Section):
         256.0, ge=1.0, description="Size of the z-slabs operators compute on (halo overhead vs memory)."
     )
 
+    @model_validator(mode="after")
+    def _steps_can_run(self) -> "FilterConfig":
+        """Unknown operators and bad parameters fail at load (exit 2), not in every study."""
+        for modality, steps in self.pipelines.items():
+            for i, step in enumerate(steps):
+                _check_step("filter", step, f"filters.pipelines.{modality}[{i}]")
+        return self
+
     def for_modality(self, modality: str) -> list[FilterStep]:
         return self.pipelines.get(modality, self.pipelines.get("default", []))
 
@@ -94,6 +127,14 @@ class SegmentConfig(_Section):
     )
     lesion_min_ml: float = Field(0.05, ge=0, description="Smallest component reported as a lesion candidate.")
     lesion_max_ml: float = Field(200.0, gt=0)
+
+    @model_validator(mode="after")
+    def _methods_can_run(self) -> "SegmentConfig":
+        if "default" not in self.methods:
+            raise ConfigError("segment.methods: a 'default' method is required (it serves other modalities)")
+        for modality, step in self.methods.items():
+            _check_step("segment", step, f"segment.methods.{modality}")
+        return self
 
     def for_modality(self, modality: str) -> FilterStep:
         return self.methods.get(modality, self.methods["default"])
@@ -156,6 +197,11 @@ class RunConfig(_Section):
     retry_delay_s: float = Field(2.0, ge=0, description="Delay before the first retry; doubles each retry.")
     study_timeout_s: float = Field(3600.0, gt=0)
     keep_intermediates: bool = Field(False, description="Keep filtered.zarr in study folders.")
+    allowed_out_roots: list[Path] = Field(
+        default_factory=list,
+        description="Output folders must lie inside one of these (empty: anywhere). `medpipe serve` "
+                    "adds its --out folder, and the MEDPIPE_ALLOWED_OUT_ROOTS of the serving process "
+                    "bounds what a run's parameters can ask for (see medpipe.access).")
 
 
 class ScheduleConfig(_Section):

@@ -8,7 +8,7 @@ import zarr
 from scipy import ndimage as ndi
 
 from medpipe import omezarr
-from medpipe.config import Config
+from medpipe.config import Config, FilterStep
 from medpipe.errors import ConfigError, InputError
 from medpipe.ops.stage import filter_study, segment_study
 
@@ -26,16 +26,20 @@ def test_filter_study_writes_filtered_zarr(ct_study, phantom):
 
 
 def test_unknown_op_and_bad_params_are_config_errors(ct_study):
-    bad = Config.model_validate({"filters": {"pipelines": {"CT": [{"op": "sharpen"}]}}})
+    """Refused when the configuration is made; the stages still refuse unchecked copies."""
+    with pytest.raises(ValueError, match=r"filters\.pipelines\.CT\[0\]: unknown operator 'sharpen'"):
+        Config.model_validate({"filters": {"pipelines": {"CT": [{"op": "sharpen"}]}}})
+    with pytest.raises(ValueError, match=r"\(median\): unexpected parameter 'sise'"):
+        Config.model_validate({"filters": {"pipelines": {"CT": [{"op": "median", "params": {"sise": 3}}]}}})
+    cfg = Config()
+    unchecked = cfg.model_copy(update={"filters": cfg.filters.model_copy(
+        update={"pipelines": {"CT": [FilterStep.model_construct(op="sharpen", params={})]}})})
     with pytest.raises(ConfigError, match="'sharpen'"):
-        filter_study(ct_study, "CT", bad)
-    bad = Config.model_validate({"filters": {"pipelines": {"CT": [{"op": "median", "params": {"sise": 3}}]}}})
-    with pytest.raises(ConfigError, match="median"):
-        filter_study(ct_study, "CT", bad)
-    bad = Config.model_validate({"segment": {"methods": {"default": {"op": "magic"}}}})
+        filter_study(ct_study, "CT", unchecked)
+    unchecked = cfg.model_copy(update={"segment": cfg.segment.model_copy(
+        update={"methods": {"default": FilterStep.model_construct(op="magic", params={})}})})
     with pytest.raises(ConfigError, match="'magic'"):
-        segment_study(ct_study, "CT", bad.model_copy(update={"segment": bad.segment.model_copy(
-            update={"methods": {"CT": bad.segment.methods["default"], "default": bad.segment.methods["default"]}})}))
+        segment_study(ct_study, "CT", unchecked)
 
 
 def test_segment_needs_filtered(ct_study):
