@@ -112,6 +112,65 @@ def read_card(path: str | Path) -> dict[str, Any]:
     return card
 
 
+# What Keras 3 writes into a .keras archive; an h5 file starts with (or has at a 512-byte
+# multiple, after a user block) the HDF5 signature.
+KERAS_MEMBERS = ("config.json", "model.weights.h5")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_model_file(path: Path, *, crc: bool = False) -> None:
+    """Raise ``ModelError("corrupt model file <path>: <reason>")`` for a damaged model file.
+
+    Keras reports a ``.keras`` file that is not a zip archive as "File not found"; this names
+    the real reason first. Cheap by default (the zip's central directory, or the HDF5
+    signature); ``crc=True`` also reads every member of a ``.keras`` archive and checks its CRC
+    (done once per process, before loading). Directories (SavedModels) are left to TensorFlow.
+
+    >>> import tempfile
+    >>> bad = Path(tempfile.mkdtemp()) / "m.keras"
+    >>> _ = bad.write_bytes(b"not a zip")
+    >>> check_model_file(bad)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    medpipe.errors.ModelError: corrupt model file .../m.keras: not a zip archive (a .keras file is one; truncated or overwritten?)
+    """
+    if not path.is_file():
+        return
+    if path.suffix == ".h5":
+        if not _has_hdf5_signature(path):
+            raise ModelError(f"corrupt model file {path}: no HDF5 signature (not an .h5 file, or damaged)")
+        return
+    import zipfile
+    import zlib
+
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"corrupt model file {path}: not a zip archive (a .keras file is one; truncated or "
+                         "overwritten?)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            missing = [m for m in KERAS_MEMBERS if m not in archive.namelist()]
+            if missing:
+                raise ModelError(f"corrupt model file {path}: the archive lacks {', '.join(missing)} "
+                                 "(not a Keras 3 model)")
+            bad = archive.testzip() if crc else None
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:  # damaged members or directory
+        raise ModelError(f"corrupt model file {path}: {type(exc).__name__}: {exc}") from None
+    if bad is not None:
+        raise ModelError(f"corrupt model file {path}: member {bad} fails its CRC check")
+
+
+def _has_hdf5_signature(path: Path) -> bool:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        for offset in (0, 512, 1024, 2048, 4096):
+            if offset + len(HDF5_SIGNATURE) > size:
+                break
+            fh.seek(offset)
+            if fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                return True
+    return False
+
+
 _SHA_CACHE: dict[tuple[str, float, int], str] = {}
 
 
@@ -131,7 +190,8 @@ def resolve_model(mcfg: ModelConfig) -> ModelInfo:
     Raises
     ------
     ModelError
-        The model file or directory does not exist, or its card is unreadable.
+        The model file or directory does not exist, is corrupt (:func:`check_model_file`), or its
+        card is unreadable.
     """
     path = model_path(mcfg)
     if not path.exists():
@@ -140,6 +200,7 @@ def resolve_model(mcfg: ModelConfig) -> ModelInfo:
         raise ModelError(f"{path}: a directory but not a TensorFlow SavedModel (no saved_model.pb)")
     if path.is_file() and path.suffix not in (".keras", ".h5"):
         raise ModelError(f"{path}: unsupported model file (expected .keras or a SavedModel directory)")
+    check_model_file(path)
     card = read_card(path)
     inp = card.get("input", {})
     size = mcfg.input_size
@@ -267,6 +328,7 @@ def _load(path: Path) -> LoadedModel:
 
         out_shape = tuple(fn(np.zeros((1, *[d or 8 for d in in_shape]), np.float32)).shape)[1:]
         return LoadedModel(path, None, fn, in_shape, out_shape)
+    check_model_file(path, crc=True)  # before Keras, whose message for a bad zip is "File not found"
     model = keras.saving.load_model(str(path), compile=False)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ModelError(f"{path}: model must have one input and one output")

@@ -33,12 +33,39 @@ def test_missing_model_names_path(tmp_path):
 def test_corrupt_model_is_refused(tmp_path):
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"this is not a zip archive" * 10)
-    with pytest.raises(ModelError, match=r"bad\.keras: cannot load model"):
+    with pytest.raises(ModelError, match=r"corrupt model file .*bad\.keras: not a zip archive") as info:
         m.validate_model(ModelConfig(path=bad))
+    assert "not found" not in str(info.value)  # Keras' own message for it is "File not found"
     folder = tmp_path / "notsaved"
     folder.mkdir()
     with pytest.raises(ModelError, match="not a TensorFlow SavedModel"):
         m.validate_model(ModelConfig(path=folder))
+
+
+def test_truncated_and_damaged_keras_files_are_corrupt(tmp_path):
+    data = m.DEFAULT_MODEL.read_bytes()
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(data[: len(data) // 2])  # a copy interrupted half way
+    with pytest.raises(ModelError, match=r"corrupt model file .*cut\.keras: not a zip archive"):
+        m.validate_model(ModelConfig(path=cut))
+    damaged = bytearray(data)
+    damaged[len(data) // 3: len(data) // 3 + 200] = b"\x00" * 200  # garbage inside a member
+    garbled = tmp_path / "garbled.keras"
+    garbled.write_bytes(bytes(damaged))
+    m.resolve_model(ModelConfig(path=garbled))  # the cheap check reads only the zip directory
+    with pytest.raises(ModelError, match=r"corrupt model file .*garbled\.keras: .*(CRC|Bad)"):
+        m.validate_model(ModelConfig(path=garbled))
+    import zipfile
+
+    other = tmp_path / "other.keras"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("readme.txt", "not a model")
+    with pytest.raises(ModelError, match=r"corrupt model file .*other\.keras: the archive lacks config\.json"):
+        m.resolve_model(ModelConfig(path=other))
+    h5 = tmp_path / "legacy.h5"
+    h5.write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelError, match=r"corrupt model file .*legacy\.h5: no HDF5 signature"):
+        m.resolve_model(ModelConfig(path=h5))
 
 
 def test_wrong_input_shape_is_refused(tiny_model):
