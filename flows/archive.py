@@ -75,6 +75,8 @@ def process_archive(
     if workers:
         overrides.setdefault("cluster", {})["workers"] = workers
     cfg = Config.load(config_file, overrides=deep_merge(config or {}, overrides))
+    from medpipe.access import check_out_folder  # refuse outputs outside the allowed roots
+    check_out_folder(out, cfg.run.allowed_out_roots)
     pipeline = run_pipeline.with_options(task_runner=task_runner(cfg.cluster))
     return pipeline(archive=str(Path(archive).resolve()), out=str(Path(out).resolve()),
                     config=cfg.model_dump(mode="json"))

@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", default=None, help="cron schedule (default from config: 0 2 * * *)")
     serve.add_argument("--timezone", default=None, help="IANA time zone of the schedule (default UTC)")
     serve.add_argument("--port", type=int, default=4200, help="port of the embedded Prefect server and UI")
+    serve.add_argument("--allow-out-root", type=Path, action="append", metavar="DIR",
+                       help="a folder runs may also write under (repeatable; default: only --out)")
     _cluster_args(serve)
     serve.set_defaults(func=cmd_serve)
 

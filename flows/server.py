@@ -4,25 +4,44 @@ Without ``PREFECT_API_URL`` every process that runs a flow or task (each Dask wo
 would start a temporary server of its own (see shared/FACTS.md). Instead we start one real
 ``prefect server start`` on 127.0.0.1 with SQLite, export its URL to this process and to every
 process it spawns, and stop it at the end. An existing ``PREFECT_API_URL`` is honoured.
+
+Access: the server always requires Prefect's basic auth (``PREFECT_SERVER_API_AUTH_STRING``;
+clients send ``PREFECT_API_AUTH_STRING``). Any local user can reach a loopback port, and the
+API runs flows as the user who started it, so an open API is a local privilege escalation.
+The string comes from the environment, or from ``PREFECT_HOME/auth-string`` (made once with a
+random secret, mode 0600 in a 0700 folder, reused afterwards).
+
+Lifetime: the server runs in its own process group (Ctrl-C in the terminal reaches only us;
+we stop it in order) and with a Linux parent-death signal, so that it ends with this process
+even when this process is SIGKILLed and never runs its ``finally``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("medpipe")
+
+AUTH_FILE = "auth-string"
+AUTH_USER = "medpipe"
+_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -32,7 +51,7 @@ def free_port() -> int:
 
 
 def wait_healthy(api_url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``/health`` until the server answers; fail early if its process exits."""
+    """Poll ``/health`` (open without auth, as probes need) until the server answers; fail early if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -47,13 +66,101 @@ def wait_healthy(api_url: str, timeout: float = 120.0, proc: subprocess.Popen | 
     raise TimeoutError(f"prefect server at {api_url} did not become healthy within {timeout:.0f} s")
 
 
+# --------------------------------------------------------------------------- the auth string
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it owner-only (0700): it holds the auth string and the database."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def auth_string_file(home: Path) -> Path:
+    """Where the generated auth string of the server whose home is ``home`` lives."""
+    return Path(home) / AUTH_FILE
+
+
+def auth_string(home: Path) -> str:
+    """The server's basic-auth string (``user:password``).
+
+    From ``PREFECT_SERVER_API_AUTH_STRING`` or ``PREFECT_API_AUTH_STRING`` when set; otherwise
+    read from ``home/auth-string``, created on first use with a random 256-bit password.
+    """
+    for name in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"):
+        if value := os.environ.get(name):
+            return value
+    path = auth_string_file(home)
+    private_dir(path.parent)
+    if not path.exists():
+        _write_private(path, f"{AUTH_USER}:{secrets.token_urlsafe(32)}\n")
+    return _read_private(path)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new file that only the owner can read (never world-readable, not even briefly)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    try:
+        os.link(tmp, path)  # fails if another process made one meanwhile: theirs wins
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def _read_private(path: Path) -> str:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise PermissionError(f"{path}: the Prefect auth string is readable by others (mode {mode:04o}); "
+                              f"run 'chmod 600 {path}', or delete it to have a new one made")
+    value = path.read_text().strip()
+    if ":" not in value:
+        raise ValueError(f"{path}: not an auth string of the form user:password")
+    return value
+
+
+# --------------------------------------------------------------------------- the server process
+def _parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive ``sig`` when this process dies (Linux only).
+
+    The kernel sends it when the *thread* that forked the child ends, so we only use it from the
+    main thread, whose end is the process's end. libc is looked up here, before the fork.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        os.setsid()  # own process group and session: a terminal's Ctrl-C reaches us, we stop it
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _start(cmd: list[str], env: dict[str, str], out) -> subprocess.Popen:
+    preexec = _parent_death_signal()
+    if preexec is None:
+        log.warning("prefect server started from a non-main thread: it is not tied to this process's "
+                    "life and may outlive a killed run")
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
+
+
 @contextmanager
 def prefect_server(home: Path | None = None, *, ui: bool = False, port: int | None = None,
-                   log_file: Path | None = None) -> Iterator[str]:
-    """Start ``prefect server start`` on loopback and yield its API URL; stop it on exit."""
+                   log_file: Path | None = None, auth: str | None = None) -> Iterator[str]:
+    """Start ``prefect server start`` on loopback with basic auth; yield its API URL; stop it on exit.
+
+    ``auth`` is the ``user:password`` string the server requires (default :func:`auth_string` of
+    ``home``). Clients need it as ``PREFECT_API_AUTH_STRING``; :func:`prefect_api` sets that up.
+    """
     own_home = home is None
-    home = Path(home or tempfile.mkdtemp(prefix="medpipe-prefect-"))
-    home.mkdir(parents=True, exist_ok=True)
+    home = private_dir(Path(home or tempfile.mkdtemp(prefix="medpipe-prefect-")))
+    auth = auth or auth_string(home)
     port = port or free_port()
     env = {
         **os.environ,
@@ -62,13 +169,15 @@ def prefect_server(home: Path | None = None, *, ui: bool = False, port: int | No
         "PREFECT_UI_ENABLED": "true" if ui else "false",
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_API_AUTH_STRING": auth,
+        "PREFECT_API_AUTH_STRING": auth,  # the server's own clients (services) talk to its API too
     }
     env.pop("PREFECT_API_URL", None)
     out = open(log_file or home / "server.log", "ab")
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     if not ui:
         cmd.append("--no-ui")
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start(cmd, env, out)
     api_url = f"http://127.0.0.1:{port}/api"
     try:
         wait_healthy(api_url, proc=proc)
@@ -96,28 +205,53 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
+def client_auth(api_url: str, auth: str) -> Iterator[None]:
+    """Point this process, and every process it starts from now on, at ``api_url`` with ``auth``.
+
+    Both go into ``os.environ`` (inherited by Dask worker processes and flow-run subprocesses)
+    and into Prefect's settings context of this process; both are restored on exit.
+    """
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
+    os.environ.update(PREFECT_API_URL=api_url, PREFECT_API_AUTH_STRING=auth)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
 def prefect_api(home: Path | None = None, *, ui: bool = False) -> Iterator[str]:
     """Yield a Prefect API URL: the configured one, or an embedded server's.
 
-    The URL is set in ``os.environ`` (inherited by Dask worker processes started later) and in
-    Prefect's settings context of this process.
+    With ``PREFECT_API_URL`` set, that server is used as it is (with ``PREFECT_API_AUTH_STRING``
+    if it needs one). Otherwise an embedded server starts with basic auth; its URL and auth
+    string are set for this process and every process it spawns (see :func:`client_auth`).
     """
     existing = os.environ.get("PREFECT_API_URL")
     if existing:
         yield existing
         return
-    with prefect_server(home, ui=ui) as url:
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            from prefect.settings import PREFECT_API_URL, temporary_settings
-
-            with temporary_settings(updates={PREFECT_API_URL: url}):
-                try:
-                    yield url
-                finally:
-                    _flush_logs()
-        finally:
-            os.environ.pop("PREFECT_API_URL", None)
+    own_home = home is None
+    home = private_dir(Path(home or tempfile.mkdtemp(prefix="medpipe-prefect-")))
+    try:
+        auth = auth_string(home)
+        with prefect_server(home, ui=ui, auth=auth) as url, client_auth(url, auth):
+            if not own_home:
+                log.info("Prefect API %s: log in with the string in %s", url, auth_string_file(home))
+            try:
+                yield url
+            finally:
+                _flush_logs()
+    finally:
+        if own_home:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def _flush_logs() -> None:
