@@ -21,6 +21,14 @@ i.e. about 24 MiB for 512x512 CT at the defaults, per concurrently running task 
 worker thread; each thread keeps its slab buffer for its next task), independent of the
 number of slices and studies.
 
+Claims and values
+-----------------
+Nothing is allocated from a header claim that was not checked (:mod:`.checks`): the slab and
+raw reads use the scan's checked Rows x Columns; a file decoded by pydicom is checked again
+against its pixel data before decoding (it may have changed since the scan). Rescale values and
+float voxels that are not finite follow ``ingest.on_nonfinite``: ``refuse`` drops the file as a
+gap (with an issue naming it), ``warn`` sets those voxels to 0 with a warning naming the file.
+
 Speed
 -----
 The scan's header facts travel in the plan (``StudyPlan.headers``), so headers are parsed once;
@@ -48,9 +56,11 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from ..config import IngestConfig
 from ..errors import InputError, StudyError
 from ..omezarr import choose_chunks, create_image, create_levels, downsample, pyramid_factors, write_block
+from .checks import pixel_claim_problem
 from .deid import source_facts
 from .geometry import Frame, build_geometry, frames_from_columns, read_frames
 from .plan import StudyPlan
+from .scan import _pixels_read
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,7 @@ _PIXEL_TAG = b"\xe0\x7f\x10\x00"
 # Slab tasks of about this many MiB: 16 MiB (32 CT slices) converted the ingest benchmark 5%
 # faster than one 4 MiB chunk layer a task, 15% faster when written into recycled memory.
 SLAB_MB = 16
+MAX_VOXELS = IngestConfig.model_fields["max_series_voxels"].default
 
 
 class _Opaque:
@@ -90,8 +101,8 @@ def _ensure_transfer_syntax(ds: pydicom.Dataset) -> None:
 
 def storage_dtype(frames: list[Frame]) -> np.dtype:
     """int16 when every frame's rescale keeps stored integers integral (grey images), else float32."""
-    integral = all(f.samples == 1 and float(f.slope).is_integer() and float(f.intercept).is_integer()
-                   for f in frames)
+    integral = all(f.samples == 1 and not f.floats and float(f.slope).is_integer()
+                   and float(f.intercept).is_integer() for f in frames)
     return np.dtype(np.int16 if integral else np.float32)
 
 
@@ -131,13 +142,15 @@ def _pread(path: str, buffers: list[Any], offset: int) -> int:
         os.close(fd)
 
 
-def decode_stored(ds: pydicom.Dataset | None, frame: Frame, out: np.ndarray | None = None) -> np.ndarray:
+def decode_stored(ds: pydicom.Dataset | None, frame: Frame, out: np.ndarray | None = None,
+                  max_series_voxels: int = MAX_VOXELS) -> np.ndarray:
     """One frame's stored values (2-D); RGB reduced to luminance (float32). ``ds`` may be None
-    when ``frame.raw`` says where NumPy can read the pixels; those may be read into ``out``."""
+    when ``frame.raw`` says where NumPy can read the pixels; those may be read into ``out``;
+    else the file is read (and its claims checked, see :func:`_read_pixels`)."""
     arr = _read_raw(frame, out) if frame.raw is not None else None
     if arr is None:
         if ds is None:
-            ds = _read_pixels(frame.path)
+            ds = _read_pixels(frame.path, frame, max_series_voxels)
         if frame.index is None:
             arr = ds.pixel_array
         else:
@@ -193,10 +206,41 @@ def decode_frame(ds: pydicom.Dataset | None, frame: Frame) -> np.ndarray:
     return to_physical(decode_stored(ds, frame), frame, np.dtype(np.float32))
 
 
-def _read_pixels(path: str) -> pydicom.Dataset:
+def _read_pixels(path: str, frame: Frame | None = None, max_series_voxels: int = MAX_VOXELS) -> pydicom.Dataset:
+    """The whole file read by pydicom, once its pixel claims are checked against its pixel data
+    and, given ``frame``, against the shape the scan found: a decoder allocates what the header
+    claims, and the file may have changed since the scan (:class:`InputError` naming it)."""
     ds = pydicom.dcmread(path, force=True)
     _ensure_transfer_syntax(ds)
+    pixels = _pixels_read(ds)
+    if not pixels.present:
+        raise InputError(path, "no pixel data (the file changed since the scan)")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    samples, n = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("NumberOfFrames", 1) or 1)
+    problem = pixel_claim_problem(rows, cols, n, samples, int(ds.get("BitsAllocated", 0) or 0),
+                                  str(ds.get("PhotometricInterpretation", "") or ""), pixels.nbytes,
+                                  pixels.encapsulated, max_series_voxels)
+    if problem:
+        raise InputError(path, problem)
+    if frame is not None and ((rows, cols, samples) != (frame.rows, frame.columns, frame.samples)
+                              or (frame.index or 0) >= n):
+        raise InputError(path, f"header claims {rows} x {cols} x {n} x {samples} sample(s), the scan found "
+                               f"{frame.rows} x {frame.columns} (frame {frame.index or 0}) x {frame.samples}: "
+                               "the file changed since the scan")
     return ds
+
+
+def _nonfinite(row: np.ndarray, frame: Frame, on_nonfinite: str) -> str | None:
+    """Apply ``ingest.on_nonfinite`` to a frame of float pixel data: refuse raises
+    :class:`InputError`, warn sets NaN/Inf voxels to 0 and says so; None when all are finite."""
+    finite = np.isfinite(row)
+    if finite.all():
+        return None
+    what = f"{row.size - int(finite.sum())} NaN/Inf voxel(s) in float pixel data"
+    if on_nonfinite == "refuse":
+        raise InputError(frame.path, f"{what} (ingest.on_nonfinite=refuse)")
+    row[~finite] = 0
+    return f"{frame.path}: {what} set to 0 (ingest.on_nonfinite=warn)"
 
 
 _THREAD = threading.local()
@@ -216,30 +260,37 @@ def _slab_buffer(shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
 
 
 def write_slab(levels: list[zarr.Array] | _Opaque, z0: int, frames: list[Frame] | _Opaque, dtype: str,
-               factors: list[tuple[int, int, int]]) -> tuple[list[tuple[int, str]], bool]:
+               factors: list[tuple[int, int, int]], max_series_voxels: int = MAX_VOXELS,
+               on_nonfinite: str = "refuse") -> tuple[list[tuple[int, str]], bool, list[str]]:
     """Decode ``frames`` into a slab, write it at ``z0`` of level 0 and its share of each level below.
 
     ``levels`` are the pyramid's arrays, level 0 first (opened once per study, not per slab);
     ``factors`` the reductions between them. The slab covers whole chunks at every level, so
     concurrent slab writers never share a chunk. Returns ``(slab index, reason)`` for each
-    frame that could not be decoded (left at 0), and whether a value did not fit int16 (then
-    nothing is written). Nothing is raised, so that every slab task has finished when the
-    caller decides what to do.
+    frame that could not be decoded or was refused (left at 0), whether a value did not fit
+    int16 (then nothing is written), and a warning for each frame whose NaN/Inf voxels were set
+    to 0 (``on_nonfinite="warn"``). Nothing is raised, so that every slab task has finished when
+    the caller decides what to do.
     """
     frames = frames.value if isinstance(frames, _Opaque) else frames
     levels = levels.value if isinstance(levels, _Opaque) else levels
     first = frames[0]
     slab = _slab_buffer((len(frames), first.rows, first.columns), np.dtype(dtype))
     failed: list[tuple[int, str]] = []
+    fixed: list[str] = []
     cache: tuple[str, pydicom.Dataset | None] | None = None  # consecutive frames of one multi-frame file
     for k, frame in enumerate(frames):
         try:
             if frame.raw is None and (cache is None or cache[0] != frame.path):
-                cache = (frame.path, _read_pixels(frame.path))
+                cache = (frame.path, _read_pixels(frame.path, frame, max_series_voxels))
             ds = cache[1] if cache is not None and cache[0] == frame.path else None
-            to_physical(decode_stored(ds, frame, out=slab[k]), frame, slab.dtype, out=slab[k])
+            to_physical(decode_stored(ds, frame, slab[k], max_series_voxels), frame, slab.dtype, out=slab[k])
+            if frame.floats:  # integers with checked rescale values are finite: no pass over them
+                warning = _nonfinite(slab[k], frame, on_nonfinite)
+                if warning:
+                    fixed.append(warning)
         except _OutOfRange:
-            return failed, True
+            return failed, True, fixed
         except InputError as exc:
             failed.append((k, exc.reason))
             slab[k] = 0
@@ -253,11 +304,11 @@ def write_slab(levels: list[zarr.Array] | _Opaque, z0: int, frames: list[Frame] 
         z0 //= f[0]
         if block.shape[0]:
             write_block(level, (z0, 0, 0), block)
-    return failed, False
+    return failed, False, fixed
 
 
-def _write_volume(image_path: Path, geo: Any, dtype: np.dtype, cfg: IngestConfig,
-                  attrs: dict[str, Any]) -> tuple[tuple[int, int, int], list[tuple[Frame, str]]]:
+def _write_volume(image_path: Path, geo: Any, dtype: np.dtype, cfg: IngestConfig, attrs: dict[str, Any]
+                  ) -> tuple[tuple[int, int, int], list[tuple[Frame, str]], list[str]]:
     """Create the image and its pyramid and stream every slab into them, in parallel on Dask."""
     chunks = choose_chunks(geo.shape, dtype.itemsize, cfg.chunk_mb)
     factors = pyramid_factors(geo.shape, cfg.pyramid_levels)
@@ -274,25 +325,46 @@ def _write_volume(image_path: Path, geo: Any, dtype: np.dtype, cfg: IngestConfig
     step = depth * max(1, SLAB_MB * 2**20 // layer)  # slices a slab task writes: whole chunk layers
     starts = range(0, geo.shape[0], step)
     write = dask.delayed(write_slab, pure=False)
-    tasks = [write(levels, z0, _Opaque(geo.frames[z0 : z0 + step]), dtype.name, factors) for z0 in starts]
+    tasks = [write(levels, z0, _Opaque(geo.frames[z0 : z0 + step]), dtype.name, factors, cfg.max_series_voxels,
+                   cfg.on_nonfinite) for z0 in starts]
     results = dask.compute(*tasks)
-    if any(overflow for _, overflow in results):
+    if any(overflow for _, overflow, _ in results):
         raise _OutOfRange(image_path)
-    failed = [(geo.frames[z0 + k], reason) for z0, (res, _) in zip(starts, results) for k, reason in res]
-    return chunks, failed
+    failed = [(geo.frames[z0 + k], reason) for z0, (res, _, _) in zip(starts, results) for k, reason in res]
+    return chunks, failed, [w for _, _, fixed in results for w in fixed]
 
 
-def _study_frames(plan: StudyPlan) -> list[Frame]:
+def _study_frames(plan: StudyPlan, cfg: IngestConfig) -> tuple[list[Frame], list[str], list[dict[str, Any]]]:
+    """The frames of the plan's files, and the warnings and issues of ``ingest.on_nonfinite``
+    about rescale values (per frame in enhanced objects, which the scan does not parse)."""
     if plan.headers and len(plan.headers.get("rows", ())) == len(plan.files):
-        return frames_from_columns(plan.files, plan.headers)
+        return frames_from_columns(plan.files, plan.headers), [], []
     frames: list[Frame] = []
+    warnings: list[str] = []
+    issues: list[dict[str, Any]] = []
     for path in plan.files:
         try:
-            more, _ = read_frames(path)
+            more, problems = read_frames(path, cfg.max_series_voxels)
+        except InputError as exc:
+            raise StudyError(plan.study_key, str(exc)) from None
         except Exception as exc:
             raise StudyError(plan.study_key, f"{path}: unreadable header: {exc}") from None
+        if problems:
+            where = ", ".join("" if i is None else f"frame {i}" for i, _ in problems[:3]).strip(", ")
+            why = (f"{where}: " if where else "") + problems[0][1] + \
+                (f" (and {len(problems) - 1} more frame(s))" if len(problems) > 1 else "")
+            if cfg.on_nonfinite == "refuse":
+                issues.append({"path": path, "reason": f"{why} (ingest.on_nonfinite=refuse)",
+                               "study_key": plan.study_key})
+                continue
+            for f in more:
+                if not (np.isfinite(f.slope) and np.isfinite(f.intercept)):
+                    f.slope, f.intercept = 0.0, 0.0  # every voxel would be non-finite: all become 0
+            warnings.append(f"{path}: {why}; voxels of those frames set to 0 (ingest.on_nonfinite=warn)")
         frames.extend(more)
-    return frames
+    if not frames and issues:
+        raise StudyError(plan.study_key, f"{issues[0]['path']}: {issues[0]['reason']}")
+    return frames, warnings, issues
 
 
 def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: IngestConfig | None = None) -> dict[str, Any]:
@@ -331,7 +403,11 @@ def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: I
         plan = StudyPlan.from_dict(plan)
     if not plan.files:
         raise StudyError(plan.study_key, plan.skip_reason or "no files to convert")
-    frames = _study_frames(plan)
+    frames, value_warnings, value_issues = _study_frames(plan, cfg)
+    voxels = sum(f.rows * f.columns for f in frames)
+    if voxels > cfg.max_series_voxels:  # the plan checked it; the files may have changed since
+        raise StudyError(plan.study_key, f"{voxels:,} voxels, more than ingest.max_series_voxels="
+                                         f"{cfg.max_series_voxels:,}")
     try:
         header = pydicom.dcmread(plan.files[0], stop_before_pixels=True, force=True)
     except Exception as exc:
@@ -340,16 +416,17 @@ def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: I
     units = UNITS.get(plan.modality, "")
     attrs = {"study_key": plan.study_key, "modality": plan.modality, "units": units, "series_key": plan.series_key}
     dropped: list[str] = []
+    fixed: list[str] = []
     while True:
         geo = build_geometry(frames, plan.study_key, on_inconsistency=cfg.on_inconsistency,
                              spacing_tolerance=cfg.spacing_tolerance)
         dtype = storage_dtype(geo.frames)
         try:
-            chunks, failed = _write_volume(image_path, geo, dtype, cfg, attrs)
+            chunks, failed, fixed = _write_volume(image_path, geo, dtype, cfg, attrs)
         except _OutOfRange:
             log.info("study %s: values beyond int16; writing float32", plan.study_key)
             dtype = np.dtype(np.float32)
-            chunks, failed = _write_volume(image_path, geo, dtype, cfg, attrs)
+            chunks, failed, fixed = _write_volume(image_path, geo, dtype, cfg, attrs)
         if not failed:
             break
         # An undecodable slice is dropped and becomes a gap: the inconsistency policy decides.
@@ -361,6 +438,8 @@ def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: I
                                              "gap; ingest.on_inconsistency=refuse)")
         bad = {id(f) for f, _ in failed}
         dropped += [f"slice dropped, {reason}: {f.path}" for f, reason in failed]
+        value_issues += [{"path": f.path, "reason": f"slice dropped: {reason}", "study_key": plan.study_key}
+                         for f, reason in failed]
         for f, reason in failed:
             log.warning("study %s: dropped slice %s: %s", plan.study_key, f.path, reason)
         frames = [f for f in geo.frames if id(f) not in bad]
@@ -373,7 +452,7 @@ def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: I
         "skipped": plan.skipped,
     }
     source = source_facts(header, keep_dates=cfg.keep_dates) if header is not None else {}
-    warnings = list(plan.warnings) + dropped + geo.warnings
+    warnings = list(plan.warnings) + value_warnings + fixed + dropped + geo.warnings
     if any(f.samples > 1 for f in geo.frames[:1]):
         warnings.append("RGB image converted to luminance (0.299 R + 0.587 G + 0.114 B)")
     if source.get("photometric") == "MONOCHROME1":
@@ -390,6 +469,6 @@ def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: I
         "chunks": list(chunks),
         "series": series,
         "warnings": warnings,
-        "issues": list(plan.issues),
+        "issues": list(plan.issues) + value_issues,
         "source": source,
     }

@@ -8,6 +8,7 @@ between consecutive slice positions, and the first slice's ImagePositionPatient.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from ..errors import StudyError
+from ..errors import InputError, StudyError
+from .checks import pixel_claim_problem, rescale_number, rescale_problem
+from .scan import pixel_element
 
 DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 ORIENTATION_TOL = 1e-4  # direction cosines
@@ -40,19 +43,21 @@ class Frame:
     thickness: float | None = None
     spacing_between: float | None = None  # SpacingBetweenSlices, for frames without positions
     raw: tuple[int, int, int, int] | None = None  # (offset, BitsAllocated, BitsStored, PixelRepresentation)
+    floats: bool = False  # float pixel data (may hold NaN/Inf; never stored as int16)
 
 
 def frames_from_columns(files: list[str], cols: dict[str, list[Any]]) -> list[Frame]:
     """Frames of single-frame files from the scan's header facts (``StudyPlan.headers``)."""
     tup = lambda v: tuple(v) if v is not None else None  # noqa: E731
+    floats = cols.get("floats") or [False] * len(files)  # plans made before the column existed
     return [
         Frame(path, None, rows, columns, samples, float(rescale[0]), float(rescale[1]),
               None if pos is None else np.asarray(pos, dtype=np.float64), tup(ori), tup(spacing),  # type: ignore[arg-type]
-              thick, between, tup(raw))  # type: ignore[arg-type]
-        for path, rows, columns, samples, rescale, pos, ori, spacing, thick, between, raw in zip(
+              thick, between, tup(raw), bool(flt))  # type: ignore[arg-type]
+        for path, rows, columns, samples, rescale, pos, ori, spacing, thick, between, raw, flt in zip(
             files, cols["rows"], cols["columns"], cols["samples_per_pixel"], cols["rescale"], cols["position"],
             cols["orientation"], cols["pixel_spacing"], cols["slice_thickness"], cols["spacing_between"],
-            cols["raw_pixels"], strict=True)
+            cols["raw_pixels"], floats, strict=True)
     ]
 
 
@@ -99,34 +104,62 @@ def _float(value: Any, default: float | None) -> float | None:
         return default
 
 
-def read_frames(path: str) -> tuple[list[Frame], pydicom.Dataset]:
-    """The frames of one file with their geometry and rescale (per frame for enhanced objects)."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+def read_frames(path: str, max_series_voxels: int = 10**9
+                ) -> tuple[list[Frame], list[tuple[int | None, str]]]:
+    """The frames of one file with their geometry and rescale (per frame for enhanced objects).
+
+    The header's pixel claims are checked against its pixel data first (as the scan does: the
+    file may have changed since), raising :class:`~medpipe.errors.InputError`. Returns the
+    frames and ``(frame index or None, reason)`` for each frame whose rescale values are not
+    finite numbers (their slope and intercept are then NaN: the caller applies the policy).
+    """
+    with open(path, "rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        pixels = pixel_element(fp, os.fstat(fp.fileno()).st_size, ds)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     n = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    problem = pixels.problem or pixel_claim_problem(
+        rows, cols, n, samples, bits, str(ds.get("PhotometricInterpretation", "") or ""), pixels.nbytes,
+        pixels.encapsulated, max_series_voxels)
+    if problem:
+        raise InputError(path, problem)
+    stored_bits = int(ds.get("BitsStored", bits) or bits or 16)
     spacing = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
-    slope, intercept = _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     between = _float(ds.get("SpacingBetweenSlices"), None)
+    problems: list[tuple[int | None, str]] = []
+
+    def rescale(index: int | None, slope: Any, intercept: Any) -> tuple[float, float]:
+        why = "; ".join(p for p in (rescale_problem(slope, "RescaleSlope", stored_bits, 1.0),
+                                    rescale_problem(intercept, "RescaleIntercept", 0, 0.0)) if p)
+        if why:
+            problems.append((index, why))
+            return np.nan, np.nan
+        return rescale_number(slope, 1.0)[0], rescale_number(intercept, 0.0)[0]
+
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if n == 1 and per_frame is None:
-        return [Frame(path, None, rows, cols, samples, slope, intercept,  # type: ignore[arg-type]
+        return [Frame(path, None, rows, cols, samples, *rescale(None, slope, intercept),
                       _array(ds.get("ImagePositionPatient"), 3), _floats(ds.get("ImageOrientationPatient"), 6),
-                      spacing, _float(ds.get("SliceThickness"), None), between)], ds  # type: ignore[arg-type]
+                      spacing, _float(ds.get("SliceThickness"), None), between,  # type: ignore[arg-type]
+                      floats=pixels.floats)], problems
     frames = []
     for i in range(n):
         fg = per_frame[i] if per_frame is not None and i < len(per_frame) else None
-        f_slope = _float(_group_value(ds, fg, "PixelValueTransformationSequence", "RescaleSlope"), slope)
-        f_int = _float(_group_value(ds, fg, "PixelValueTransformationSequence", "RescaleIntercept"), intercept)
+        f_slope = _group_value(ds, fg, "PixelValueTransformationSequence", "RescaleSlope")
+        f_int = _group_value(ds, fg, "PixelValueTransformationSequence", "RescaleIntercept")
         pos = _array(_group_value(ds, fg, "PlanePositionSequence", "ImagePositionPatient"), 3)
         ori = _floats(_group_value(ds, fg, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
         f_spacing = _floats(_group_value(ds, fg, "PixelMeasuresSequence", "PixelSpacing"), 2) or spacing
         thick = _float(_group_value(ds, fg, "PixelMeasuresSequence", "SliceThickness"),
                        _float(ds.get("SliceThickness"), None))
-        frames.append(Frame(path, i, rows, cols, samples, f_slope, f_int, pos,  # type: ignore[arg-type]
-                            ori or _floats(ds.get("ImageOrientationPatient"), 6), f_spacing, thick,  # type: ignore[arg-type]
-                            between))
-    return frames, ds
+        frames.append(Frame(path, i, rows, cols, samples,
+                            *rescale(i, slope if f_slope is None else f_slope, intercept if f_int is None else f_int),
+                            pos, ori or _floats(ds.get("ImageOrientationPatient"), 6), f_spacing,  # type: ignore[arg-type]
+                            thick, between, floats=pixels.floats))
+    return frames, problems
 
 
 def _array(value: Any, n: int) -> np.ndarray | None:

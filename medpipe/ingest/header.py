@@ -77,16 +77,30 @@ _U32 = struct.Struct("<L").unpack_from
 _U16 = struct.Struct("<H").unpack_from
 
 
+class PixelElement(NamedTuple):
+    """The facts of a file's pixel data element that its header can be checked against."""
+
+    present: bool
+    problem: str | None = None  # the declared length does not fit in the file
+    offset: int | None = None  # native little-endian PixelData: byte offset of the value
+    nbytes: int | None = None  # native: declared length; encapsulated: bytes after the element's header
+    encapsulated: bool = False
+    floats: bool = False  # FloatPixelData or DoubleFloatPixelData
+
+
 class Header(NamedTuple):
     """What :func:`read_header` found: mappings that answer ``get`` and ``in`` like pydicom's
     Dataset and FileMetaDataset for the keywords read, and the pixel data facts of
-    :func:`pixel_element_at`."""
+    :func:`pixel_element_at` (the fields of :class:`PixelElement`)."""
 
     dataset: dict[str, Any]
     meta: dict[str, Any]
     has_pixels: bool
     problem: str | None
     offset: int | None
+    nbytes: int | None = None
+    encapsulated: bool = False
+    floats: bool = False
 
 
 class _Decline(Exception):
@@ -146,32 +160,35 @@ def read_header(fp: BinaryIO, size: int) -> Header | None:
         return None
 
 
-def pixel_element_at(head: bytes, pos: int, size: int, implicit: bool, little: bool = True
-                     ) -> tuple[bool, str | None, int | None]:
-    """Whether the element whose first (up to 12) bytes are ``head``, at byte ``pos`` of a file of
-    ``size`` bytes, is pixel data; if so, whether its declared length fits in the file, and the
-    byte offset of native (not encapsulated) little-endian PixelData's value, else None."""
+def pixel_element_at(head: bytes, pos: int, size: int, implicit: bool, little: bool = True) -> PixelElement:
+    """The :class:`PixelElement` facts of the element whose first (up to 12) bytes are ``head``,
+    at byte ``pos`` of a file of ``size`` bytes: whether it is pixel data; if so, whether its
+    declared length fits in the file, its length and the byte offset of native (not
+    encapsulated) little-endian PixelData's value."""
     if len(head) < 8:
-        return False, None, None
+        return PixelElement(False)
     group, elem = struct.unpack("<HH", head[:4])
     if (group << 16 | elem) not in PIXEL_TAGS:
-        return False, None, None
+        return PixelElement(False)
+    floats = (group, elem) != (0x7FE0, 0x0010)
     if not little:
-        return True, None, None  # big endian (retired): leave it to pydicom
+        return PixelElement(True, floats=floats)  # big endian (retired): leave it to pydicom
     if implicit:
         length, header_len = struct.unpack("<I", head[4:8])[0], 8
     elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"UN"):
         length, header_len = struct.unpack("<I", head[8:12])[0], 12
     else:
         length, header_len = struct.unpack("<H", head[6:8])[0], 8
+    available = max(size - pos - header_len, 0)
     if length == UNDEFINED:  # encapsulated (compressed): at least the item tags must follow
-        return True, None if size > pos + header_len + 8 else "truncated: encapsulated pixel data is empty", None
-    available = size - pos - header_len
+        problem = None if size > pos + header_len + 8 else "truncated: encapsulated pixel data is empty"
+        return PixelElement(True, problem, None, available, True, floats)
     if available < length:
-        return True, f"truncated: pixel data declares {length} bytes, file holds {max(available, 0)}", None
+        return PixelElement(True, f"truncated: pixel data declares {length} bytes, file holds {available}",
+                            floats=floats)
     if length == 0:
-        return True, "pixel data is empty", None
-    return True, None, pos + header_len if (group, elem) == (0x7FE0, 0x0010) else None
+        return PixelElement(True, "pixel data is empty", floats=floats)
+    return PixelElement(True, None, None if floats else pos + header_len, length, False, floats)
 
 
 def _pydicom_defaults() -> bool:

@@ -18,7 +18,7 @@ from ..config import IngestConfig
 from ..keys import study_key as make_study_key
 from ..keys import uid_key
 from .deid import clean_description
-from .scan import FileIssue, Instance, ScanResult
+from .scan import FileIssue, Instance, ScanResult, pixel_digest
 
 NON_IMAGE_MODALITIES = {
     "SR": "structured report", "SEG": "segmentation object", "RTSTRUCT": "RT structure set",
@@ -93,17 +93,46 @@ class _Series:
         return float(np.median(values)) if values else float("inf")
 
 
-def _dedupe(instances: list[Instance]) -> tuple[list[Instance], list[str]]:
-    seen: set[str] = set()
-    kept, dropped = [], 0
+def _dedupe(instances: list[Instance], key: str, cfg: IngestConfig
+            ) -> tuple[list[Instance], list[str], list[FileIssue]]:
+    """One instance per SOPInstanceUID, deterministically (the first by path).
+
+    Identical copies (same shape, rescale and pixel values) are dropped with one quiet warning;
+    copies that differ are a conflict: ``ingest.on_duplicate_conflict=refuse`` drops them all,
+    each named in an issue with the others; ``warn`` keeps the first and names kept and dropped.
+    Only duplicates are read (their pixel data), so the common case costs nothing.
+    """
+    by_uid: dict[str, list[Instance]] = defaultdict(list)
     for inst in sorted(instances, key=lambda i: i.path):
-        if inst.sop_uid in seen:
-            dropped += 1
+        by_uid[inst.sop_uid].append(inst)
+    kept: list[Instance] = []
+    warnings: list[str] = []
+    issues: list[FileIssue] = []
+    n_same = 0
+    for group in by_uid.values():
+        if len(group) > 1 and len({pixel_digest(i) for i in group}) > 1:
+            _conflict(group, key, cfg, kept, warnings, issues)
             continue
-        seen.add(inst.sop_uid)
-        kept.append(inst)
-    warnings = [f"dropped {dropped} duplicate instance(s) with the same SOPInstanceUID"] if dropped else []
-    return kept, warnings
+        kept.append(group[0])
+        n_same += len(group) - 1
+    if n_same:
+        warnings.insert(0, f"dropped {n_same} duplicate instance(s) with the same SOPInstanceUID")
+    return kept, warnings, issues
+
+
+def _conflict(group: list[Instance], key: str, cfg: IngestConfig, kept: list[Instance], warnings: list[str],
+              issues: list[FileIssue]) -> None:
+    """Apply ``ingest.on_duplicate_conflict`` to files (sorted by path) sharing a SOPInstanceUID."""
+    policy = f"ingest.on_duplicate_conflict={cfg.on_duplicate_conflict}"
+    if cfg.on_duplicate_conflict == "warn":
+        kept.append(group[0])
+        warnings.append(f"{len(group)} files share a SOPInstanceUID with different pixel data: kept "
+                        f"{group[0].path} (first by path), dropped {', '.join(i.path for i in group[1:])} ({policy})")
+        return
+    for inst in group:
+        others = ", ".join(i.path for i in group if i is not inst)
+        issues.append(FileIssue(inst.path, f"SOPInstanceUID shared with different pixel data by {others}; "
+                                           f"all {len(group)} dropped ({policy})", key))
 
 
 def _unusable(series: _Series, cfg: IngestConfig) -> str | None:
@@ -115,6 +144,9 @@ def _unusable(series: _Series, cfg: IngestConfig) -> str | None:
         return f"non-image {kind} ({modality}): no pixel data"
     if modality not in cfg.modalities:
         return f"modality {modality} not in ingest.modalities"
+    voxels = sum(i.rows * i.columns * i.n_frames for i in series.instances)
+    if voxels > cfg.max_series_voxels:
+        return f"{voxels:,} voxels, more than ingest.max_series_voxels={cfg.max_series_voxels:,}"
     if all(i.is_localizer for i in series.instances):
         return "localizer series"
     if series.n_slices < cfg.min_slices:
@@ -150,7 +182,7 @@ def _describe(series: _Series, cfg: IngestConfig) -> dict[str, Any]:
 def plan_study(study_uid: str, instances: list[Instance], issues: list[FileIssue], cfg: IngestConfig) -> StudyPlan:
     """Plan one study from its instances (all sharing ``study_uid``)."""
     key = make_study_key(study_uid, cfg.uid_salt)
-    instances, warnings = _dedupe(instances)
+    instances, warnings, conflicts = _dedupe(instances, key, cfg)
     by_series: dict[str, list[Instance]] = defaultdict(list)
     for inst in instances:
         by_series[inst.series_uid].append(inst)
@@ -168,7 +200,7 @@ def plan_study(study_uid: str, instances: list[Instance], issues: list[FileIssue
             skipped.append({**_describe(series, cfg), "reason": reason})
         else:
             candidates.append(series)
-    issue_dicts = [i.to_dict() for i in issues]
+    issue_dicts = [i.to_dict() for i in [*issues, *conflicts]]
     if not candidates:
         modality = skipped[0]["modality"] if skipped else ""
         reasons = sorted({s["reason"] for s in skipped}) or ["no readable image file (see issues)"]
@@ -197,14 +229,16 @@ def plan_study(study_uid: str, instances: list[Instance], issues: list[FileIssue
         n_slices=chosen.n_slices,
         selected_because=because,
         skipped=skipped,
-        warnings=warnings + chosen.warnings,
+        warnings=warnings + chosen.warnings + [
+            f"{i.path}: {i.value_warning}; its voxels set to 0 (ingest.on_nonfinite=warn)"
+            for i in chosen.instances if i.value_warning],
         issues=issue_dicts,
         headers=frame_columns(chosen.instances),
     )
 
 
 HEADER_COLUMNS = ("rows", "columns", "samples_per_pixel", "rescale", "position", "orientation", "pixel_spacing",
-                  "slice_thickness", "spacing_between", "raw_pixels")
+                  "slice_thickness", "spacing_between", "raw_pixels", "floats")
 
 
 def frame_columns(instances: list[Instance]) -> dict[str, list[Any]]:

@@ -1,11 +1,17 @@
 """Discovery: walk an archive folder and read every file's DICOM header, in parallel.
 
 Only headers are read (``stop_before_pixels``); the pixel data element's header is checked
-against the file size so that truncated files are caught without decoding anything.
+against the file size so that truncated files are caught without decoding anything, and what
+the header claims (Rows x Columns x frames x samples x bits, rescale values) is checked against
+the pixel data's length and ``ingest.max_series_voxels`` (:mod:`.checks`), so that no later
+stage allocates from a lie. Every file that cannot be used, or that the walk cannot open,
+becomes a :class:`FileIssue` naming it and the reason.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -13,17 +19,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ..config import IngestConfig
 from ..keys import uid_key
-from .header import DEFLATED, PIXEL_TAGS, pixel_element_at, read_header
+from .checks import pixel_claim_problem, rescale_problem
+from .header import DEFLATED, PIXEL_TAGS, UNDEFINED, PixelElement, pixel_element_at, read_header
 
 log = logging.getLogger(__name__)
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 FILES_PER_TASK = 64
+_DEFAULTS = IngestConfig()
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,9 @@ class Instance:
     # Native little-endian monochrome pixels: (byte offset of the value, BitsAllocated, BitsStored,
     # PixelRepresentation), read directly with NumPy; None: decode with pydicom.
     raw_pixels: tuple[int, int, int, int] | None = None
+    floats: bool = False  # FloatPixelData / DoubleFloatPixelData: voxels may be NaN or Inf
+    # ingest.on_nonfinite=warn: why this file's voxels are set to 0 (rescale is then (0, 0))
+    value_warning: str | None = None
 
     @property
     def is_localizer(self) -> bool:
@@ -100,14 +112,40 @@ class ScanResult:
     n_files: int = 0
 
 
-def iter_files(root: str | Path) -> Iterable[Path]:
-    """Every regular file under ``root`` (sorted, hidden files and DICOMDIR indexes excluded)."""
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+def iter_files(root: str | Path, issues: list[FileIssue] | None = None) -> Iterable[Path]:
+    """Every regular file under ``root`` (sorted, hidden files and DICOMDIR indexes excluded).
+
+    What the walk cannot enter is appended to ``issues`` (when given) as a :class:`FileIssue`:
+    a folder it cannot list (a path longer than PATH_MAX, no permission, vanished) and a link to
+    a folder (not followed, so that links cannot loop or leave the archive).
+    """
+    def unlisted(exc: OSError) -> None:
+        if issues is not None:
+            where = str(exc.filename or root)
+            issues.append(FileIssue(where, os_reason("cannot list folder", exc, where)))
+
+    for folder, dirs, files in os.walk(root, onerror=unlisted):
+        listed = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = [d for d in listed if not os.path.islink(os.path.join(folder, d))]
+        if issues is not None and len(dirs) < len(listed):
+            issues.extend(FileIssue(os.path.join(folder, d), "link to a folder (not followed)")
+                          for d in listed if d not in dirs)
         for name in sorted(files):
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
             yield Path(folder) / name
+
+
+def os_reason(what: str, exc: OSError, path: str) -> str:
+    """``what`` and the system's reason, with the path's length when it is too long.
+
+    >>> os_reason("cannot stat file", FileNotFoundError(2, "No such file or directory"), "/a")
+    'cannot stat file: No such file or directory'
+    """
+    reason = f"{what}: {exc.strerror or exc}"
+    if exc.errno == errno.ENAMETOOLONG:
+        reason += f" (path of {len(path)} characters, more than PATH_MAX={os.pathconf('/', 'PC_PATH_MAX')})"
+    return reason
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -118,20 +156,30 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n else None
 
 
-def pixel_element(fp: Any, size: int, ds: pydicom.Dataset) -> tuple[bool, str | None, int | None]:
-    """Whether the file has pixel data; if so, why its declared length does not fit in the file
-    (or None), and the byte offset of native (not encapsulated) little-endian PixelData's value
-    (or None). ``fp`` must stand just after the header (``dcmread(fp, stop_before_pixels=True)``)."""
+def pixel_element(fp: Any, size: int, ds: pydicom.Dataset) -> PixelElement:
+    """The file's :class:`~.header.PixelElement` facts (is there pixel data, does its declared
+    length fit in the file, its length and the offset of native little-endian PixelData).
+    ``fp`` must stand just after the header (``dcmread(fp, stop_before_pixels=True)``)."""
     if any(t in ds for t in PIXEL_TAGS):  # read in full (e.g. small files without file meta)
-        return True, None, None
+        return _pixels_read(ds)
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("TransferSyntaxUID") == DEFLATED:
         # The file position is inside the inflated stream: read the (rare) deflated file whole.
-        full = pydicom.dcmread(fp.name, force=True)
-        return any(t in full for t in PIXEL_TAGS), None, None
+        return _pixels_read(pydicom.dcmread(fp.name, force=True))
     pos = fp.tell()
     implicit, little = getattr(ds, "original_encoding", (False, True))
     return pixel_element_at(fp.read(12), pos, size, implicit, little)
+
+
+def _pixels_read(ds: pydicom.Dataset) -> PixelElement:
+    """The facts of a pixel data element pydicom has read (its value in memory), if any."""
+    tag = next((t for t in sorted(PIXEL_TAGS) if t in ds), None)
+    if tag is None:
+        return PixelElement(False)
+    elem = ds.get_item(tag)  # raw (its length says undefined) or converted (it says so itself)
+    value = elem.value if isinstance(elem.value, bytes | bytearray) else b""
+    encapsulated = getattr(elem, "length", None) == UNDEFINED or bool(getattr(elem, "is_undefined_length", False))
+    return PixelElement(True, None, None, len(value), encapsulated, tag != 0x7FE00010)
 
 
 def _raw_pixels(ds: Mapping[str, Any], offset: int | None) -> tuple[int, int, int, int] | None:
@@ -151,35 +199,47 @@ def _raw_pixels(ds: Mapping[str, Any], offset: int | None) -> tuple[int, int, in
     return (int(offset), bits, stored, signed)
 
 
-def read_instance(path: str | Path, salt: str = "medpipe") -> Instance | FileIssue:
-    """Read one file's header; return its :class:`Instance` or a :class:`FileIssue` saying why not."""
+def read_instance(path: str | Path, cfg: IngestConfig | None = None) -> Instance | FileIssue:
+    """Read one file's header; return its :class:`Instance` or a :class:`FileIssue` saying why not.
+
+    Never raises: whatever a file holds, it becomes an instance or an issue naming it. Its pixel
+    claims are checked against its pixel data and ``cfg.max_series_voxels``, its rescale values
+    for being finite (``cfg.on_nonfinite``), by arithmetic on the header alone.
+    """
+    cfg = cfg or _DEFAULTS
     path = Path(path)
     spath = str(path)
     try:
         st = path.stat()
-    except OSError as exc:
-        return FileIssue(spath, f"cannot stat file: {exc.strerror or exc}")
+    except OSError as exc:  # vanished, too long a path, a link loop, no permission on a folder
+        return FileIssue(spath, os_reason("cannot stat file", exc, spath))
     if st.st_size == 0:
         return FileIssue(spath, "empty file (0 bytes)")
     try:
-        with open(path, "rb") as fp:
+        fp = open(path, "rb")
+    except OSError as exc:
+        return FileIssue(spath, os_reason("cannot open file", exc, spath))
+    try:
+        with fp:
             header = read_header(fp, st.st_size)  # the common case, several times faster
             if header is None:  # not sure: pydicom reads it, exactly as before the fast path
                 fp.seek(0)
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-                has_pixels, problem, offset = pixel_element(fp, st.st_size, ds)
+                pixels = pixel_element(fp, st.st_size, ds)
     except (InvalidDicomError, EOFError) as exc:
         return FileIssue(spath, f"not a DICOM file ({exc})")
     except Exception as exc:  # pydicom raises many types on garbage; each is a bad file
         return FileIssue(spath, f"unreadable DICOM header: {type(exc).__name__}: {exc}")
-    if header is not None:
-        return _instance(spath, st, header.dataset, header.meta, header.has_pixels, header.problem,
-                         header.offset, salt)
-    return _instance(spath, st, ds, getattr(ds, "file_meta", None), has_pixels, problem, offset, salt)
+    try:
+        if header is not None:
+            return _instance(spath, st, header.dataset, header.meta, PixelElement(*header[2:]), cfg)
+        return _instance(spath, st, ds, getattr(ds, "file_meta", None), pixels, cfg)
+    except Exception as exc:  # a value pydicom kept unconverted ("abc" as Rows...): a bad file
+        return FileIssue(spath, f"unreadable DICOM header: {type(exc).__name__}: {exc}")
 
 
 def _instance(spath: str, st: os.stat_result, ds: Mapping[str, Any], meta: Mapping[str, Any] | None,
-              has_pixels: bool, problem: str | None, offset: int | None, salt: str) -> Instance | FileIssue:
+              pixels: PixelElement, cfg: IngestConfig) -> Instance | FileIssue:
     """The one builder of an :class:`Instance` for both readers: ``ds`` and ``meta`` answer
     ``get(keyword, default)`` and ``keyword in`` (a pydicom Dataset, or :func:`read_header`'s
     dicts), so that the fast path cannot drift from pydicom's."""
@@ -191,18 +251,33 @@ def _instance(spath: str, st: os.stat_result, ds: Mapping[str, Any], meta: Mappi
         if meta is None or "TransferSyntaxUID" not in meta:
             return FileIssue(spath, "not a DICOM file (no DICOM header found)")
         return FileIssue(spath, "DICOM file without StudyInstanceUID/SeriesInstanceUID")
-    key = uid_key(study_uid, salt)
-    if problem:
-        return FileIssue(spath, problem, key)
+    key = uid_key(study_uid, cfg.uid_salt)
+    if pixels.problem:
+        return FileIssue(spath, pixels.problem, key)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows and cols and not has_pixels:
+    if rows and cols and not pixels.present:
         return FileIssue(spath, "image object without pixel data", key)
-    spacing = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
-    thickness = ds.get("SliceThickness")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
     try:
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         n_frames = 1
+    rescale = (_float_or(ds.get("RescaleSlope"), 1.0), _float_or(ds.get("RescaleIntercept"), 0.0))
+    value_warning = None
+    if pixels.present:
+        bits = _int_or_none(ds.get("BitsAllocated")) or 0
+        problem = pixel_claim_problem(rows, cols, n_frames, samples, bits,
+                                      str(ds.get("PhotometricInterpretation", "") or ""), pixels.nbytes,
+                                      pixels.encapsulated, cfg.max_series_voxels)
+        if problem:
+            return FileIssue(spath, problem, key)
+        value_warning = _rescale_problems(ds, bits)
+        if value_warning and cfg.on_nonfinite == "refuse":
+            return FileIssue(spath, f"{value_warning} (ingest.on_nonfinite=refuse)", key)
+        if value_warning:
+            rescale = (0.0, 0.0)  # every voxel would be non-finite: all become 0, as documented
+    spacing = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
+    thickness = ds.get("SliceThickness")
     return Instance(
         path=spath,
         size=int(st.st_size),
@@ -218,19 +293,53 @@ def _instance(spath: str, st: os.stat_result, ds: Mapping[str, Any], meta: Mappi
         image_type=_strings(ds.get("ImageType")),
         rows=rows,
         columns=cols,
-        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
+        samples_per_pixel=samples,
         n_frames=n_frames,
-        has_pixels=has_pixels,
+        has_pixels=pixels.present,
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
         position=_floats(ds.get("ImagePositionPatient"), 3),
         pixel_spacing=spacing,  # type: ignore[arg-type]
-        slice_thickness=float(thickness) if thickness not in (None, "") else None,
+        slice_thickness=_float_or(thickness),
         transfer_syntax=str(meta.get("TransferSyntaxUID")) if meta is not None and "TransferSyntaxUID" in meta else None,
         spacing_between=_float_or(ds.get("SpacingBetweenSlices")),
-        rescale=(_float_or(ds.get("RescaleSlope"), 1.0), _float_or(ds.get("RescaleIntercept"), 0.0)),
+        rescale=rescale,
         per_frame_groups="PerFrameFunctionalGroupsSequence" in ds,
-        raw_pixels=_raw_pixels(ds, offset),
+        raw_pixels=_raw_pixels(ds, pixels.offset),
+        floats=pixels.floats,
+        value_warning=value_warning,
     )
+
+
+def _rescale_problems(ds: Mapping[str, Any], bits: int) -> str | None:
+    """Why RescaleSlope/RescaleIntercept would make non-finite voxels (both reasons), or None."""
+    stored = _int_or_none(ds.get("BitsStored")) or bits or 16
+    problems = [rescale_problem(ds.get("RescaleSlope"), "RescaleSlope", stored, 1.0),
+                rescale_problem(ds.get("RescaleIntercept"), "RescaleIntercept", 0, 0.0)]
+    return "; ".join(p for p in problems if p) or None
+
+
+def pixel_digest(inst: Instance) -> str:
+    """A hash of what makes the instance's physical voxels: its shape, rescale and stored pixel
+    values, to tell identical duplicates from conflicting ones. Reads the pixel data (within the
+    bounds the scan checked); a file that cannot be read gets a digest of its own (never equal).
+    """
+    h = hashlib.sha256(repr((inst.rows, inst.columns, inst.n_frames, inst.samples_per_pixel,
+                             inst.rescale)).encode())
+    try:
+        if inst.raw_pixels is not None:  # native: the stored bytes, where the scan found them
+            offset, bits = inst.raw_pixels[:2]
+            with open(inst.path, "rb") as fp:
+                fp.seek(offset)
+                h.update(fp.read(inst.rows * inst.columns * bits // 8))
+        else:
+            ds = pydicom.dcmread(inst.path, force=True)
+            try:  # decoded, so that copies in different transfer syntaxes compare equal
+                h.update(np.ascontiguousarray(ds.pixel_array).tobytes())
+            except Exception:  # no decoder here: compare the encoded bytes
+                h.update(next(ds[t].value for t in sorted(PIXEL_TAGS) if t in ds))
+    except Exception as exc:
+        return f"unreadable {inst.path}: {exc}"
+    return h.hexdigest()
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -258,16 +367,16 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _read_batch(paths: list[str], salt: str) -> list[Instance | FileIssue]:
-    return [read_instance(p, salt) for p in paths]
+def _read_batch(paths: list[str], cfg: IngestConfig) -> list[Instance | FileIssue]:
+    return [read_instance(p, cfg) for p in paths]
 
 
 def scan_archive(root: str | Path, cfg: IngestConfig | None = None) -> ScanResult:
     """Read the header of every file under ``root`` in parallel with ``dask.bag``.
 
     The bag runs on the active Dask scheduler (a distributed ``Client`` when one is the
-    default); without one, on threads. Files that cannot be used become :class:`FileIssue`
-    records; DICOMDIR index files are skipped silently.
+    default); without one, on threads. Files that cannot be used, and folders the walk cannot
+    enter, become :class:`FileIssue` records; DICOMDIR index files are skipped silently.
 
     Parameters
     ----------
@@ -286,12 +395,13 @@ def scan_archive(root: str | Path, cfg: IngestConfig | None = None) -> ScanResul
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: archive folder not found")
-    paths = [str(p) for p in iter_files(root)]
-    result = ScanResult(n_files=len(paths))
+    walk_issues: list[FileIssue] = []
+    paths = [str(p) for p in iter_files(root, walk_issues)]
+    result = ScanResult(issues=walk_issues, n_files=len(paths))
     if not paths:
         return result
     batches = [paths[i : i + FILES_PER_TASK] for i in range(0, len(paths), FILES_PER_TASK)]
-    bag = db.from_sequence(batches, npartitions=len(batches)).map(_read_batch, cfg.uid_salt).flatten()
+    bag = db.from_sequence(batches, npartitions=len(batches)).map(_read_batch, cfg).flatten()
     # Honour an active scheduler (the flow's distributed client); bags default to processes otherwise.
     scheduler = None if dask.config.get("scheduler", None) else "threads"
     records = bag.compute(scheduler=scheduler) if scheduler else bag.compute()
