@@ -8,34 +8,46 @@ a run triggered from the Prefect UI can choose its archive, output, configuratio
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 
 from medpipe import __version__
 from medpipe.config import Config, deep_merge
 from medpipe.outputs import (
+    STATUSES,
     OutputLayout,
     clean_work,
-    completed_fingerprint,
     input_fingerprint,
     new_run_id,
     now_iso,
     run_lock,
     versions,
 )
+from medpipe.privacy import PathRedactor, append_log
+from medpipe.publish import already_published, close_gate, published_fingerprint
+from medpipe.report import key_findings, run_markdown, run_table
+from medpipe.report.run import write_run_record
 from tasks import study as stages
 from tasks.model import check_model
-from tasks.report import finish_study, write_run_summary
+from tasks.report import finish_study
 
 from . import progress
 from .cluster import gpu_annotations, task_runner
+from .stopping import RunInterrupted, StopRequest
 
 log = logging.getLogger("medpipe")
 
@@ -72,7 +84,7 @@ def process_archive(
         overrides["run"] = {"force": True}
     if dask_address:
         overrides["cluster"] = {"kind": "address", "address": dask_address}
-    if workers:
+    if workers is not None:
         overrides.setdefault("cluster", {})["workers"] = workers
     cfg = Config.load(config_file, overrides=deep_merge(config or {}, overrides))
     from medpipe.access import check_out_folder  # refuse outputs outside the allowed roots
@@ -84,11 +96,17 @@ def process_archive(
 
 @flow(name="medpipe-pipeline")
 def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Run every study of the archive on this flow's Dask cluster and write run.json."""
+    """Run every study of the archive on this flow's Dask cluster and write run.json.
+
+    run.json is written when the run starts (status ``running``) and again when it ends, however
+    it ends: ``completed``, ``failed`` (with ``error``) or ``interrupted`` (SIGTERM/SIGINT,
+    then :class:`~flows.stopping.RunInterrupted` is raised after the record is written).
+    """
     cfg = Config.model_validate(config)
     logger = get_run_logger()
     if not Path(archive).is_dir():
         raise FileNotFoundError(f"{archive}: archive folder not found")
+    layout = OutputLayout(Path(out))
     run_id = new_run_id()
     started, t0 = now_iso(), time.perf_counter()
     run: dict[str, Any] = {
@@ -101,56 +119,101 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
                        "config_fingerprint": cfg.fingerprint()},
         "prefect": _prefect_ids(),
         "dask": {"dashboard": _dashboard_link(logger)},
+        "counts": {},
         "studies": [],
         "issues": [],
     }
     progress.emit("cluster", run["dask"])
-    with run_lock(Path(out)):
+    stop = StopRequest()
+    with run_lock(Path(out)), stop.installed():
         clean_work(Path(out))
+        gate = layout.work / run_id
+        gate.mkdir(parents=True, exist_ok=True)
+        redactor = PathRedactor.for_output(out, archive)
+        private: list[dict[str, Any]] = []
+        write_run_record(out, run)  # from now on, run.json is this run's
         try:
             model = check_model.submit(config).result() if cfg.model.enabled else None
             run["model"] = model
             found = stages.discover.submit(archive, config).result()
-            run["issues"] = found["issues"]
-            run["studies"] = _drive(found["plans"], run_id, out, cfg, model)
-            run["status"] = "completed"
+            for issue in found["issues"]:
+                public, secret = redactor.issue(issue)
+                run["issues"].append(public)
+                private.append(secret)
+            _drive(found["plans"], run, out, cfg, model, stop, redactor, private)
+            run["status"] = "interrupted" if stop else "completed"
         except Exception as exc:
-            run["status"], run["error"] = "failed", f"{type(exc).__name__}: {exc}"
+            run["status"], run["error"] = "failed", redactor.text(f"{type(exc).__name__}: {exc}")
+            raise
+        except KeyboardInterrupt:
+            run["status"], run["error"] = "interrupted", "stopped at once by a second signal"
             raise
         finally:
+            close_gate(gate)  # nothing of this run is published after this point
             run["finished"] = now_iso()
             run["seconds"] = round(time.perf_counter() - t0, 2)
-            run["counts"] = {s: sum(1 for st in run["studies"] if st["status"] == s) for s in ("ok", "failed", "skipped")}
-            write_run_summary.submit(out, run).result()
+            run["studies"].sort(key=lambda e: e["study_key"])
+            run["counts"] = {s: sum(1 for st in run["studies"] if st["status"] == s) for s in STATUSES}
+            _record_run(out, run, private)
             clean_work(Path(out))
             progress.emit("finished", run)
+    if stop:
+        raise RunInterrupted(stop.signum)
     return run
 
 
-def _drive(plans: list[dict[str, Any]], run_id: str, out: str, cfg: Config,
-           model: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Submit each study's stages as their inputs complete; return run.json's study entries.
+def _record_run(out: str, run: dict[str, Any], private: list[dict[str, Any]]) -> None:
+    """Write run.json, run.html, the operator's log and the Prefect artifacts; never raise."""
+    problems = write_run_record(out, run)
+    for p in problems:
+        log.error("run record: %s", p)
+    try:
+        append_log(out, run["run_id"], private)
+    except OSError as exc:
+        log.error("operator's log %s: %s", Path(out) / "private", exc)
+    try:
+        create_markdown_artifact(run_markdown(run), key="medpipe-run-summary", description="medpipe run summary")
+        create_table_artifact(run_table(run), key="medpipe-studies", description="Studies of this run")
+    except Exception as exc:  # the files are the record; the UI's copy may fail with the API
+        log.warning("run summary artifacts not created: %s", exc)
+
+
+def _drive(plans: list[dict[str, Any]], run: dict[str, Any], out: str, cfg: Config,
+           model: dict[str, Any] | None, stop: StopRequest, redactor: PathRedactor,
+           private: list[dict[str, Any]]) -> None:
+    """Submit each study's stages as their inputs complete; add its entry to ``run["studies"]``.
 
     ingest -> filter -> segment, and ingest -> infer, then report. A failed stage stops only its
     own study's dependent stages; the study is then reported with what it has and the error.
     A window of studies is in flight at a time, which bounds staging disk and scheduler load.
+    When ``stop`` is set, no stage is submitted any more and the studies not finished are
+    recorded as ``interrupted`` (or ``ok`` where this run had already published them).
     """
+    run_id, entries = run["run_id"], run["studies"]
     layout = OutputLayout(Path(out))
     config = cfg.model_dump(mode="json")
-    entries: list[dict[str, Any]] = []
+
+    def record(entry: dict[str, Any]) -> None:
+        private.extend(entry.pop("private_issues", None) or [])
+        entry = redactor.deep(entry)
+        entries.append(entry)
+        progress.emit("study", entry)
+
     todo: list[_Study] = []
     for plan in plans:
         key = plan["study_key"]
         fp = input_fingerprint(plan.get("fingerprint", ""), cfg.fingerprint(), (model or {}).get("sha256"))
         if plan.get("skip_reason"):
-            entries.append(_entry(plan, layout, "skipped", reason=plan["skip_reason"]))
-        elif not cfg.run.force and completed_fingerprint(layout.root, key) == fp:
-            entries.append(_entry(plan, layout, "skipped", reason="unchanged since its last successful run"))
-        else:
-            todo.append(_Study(plan, str(layout.staging(run_id, key)), fp))
+            record(_entry(plan, layout, "skipped", reason=plan["skip_reason"]))
+            continue
+        done, damage = published_fingerprint(layout.study(key))
+        if not cfg.run.force and done == fp:
+            record(_entry(plan, layout, "skipped", reason="unchanged since its last successful run"))
+            continue
+        if damage:
+            log.warning("study %s: published outputs damaged (%s); redoing it", key, "; ".join(damage))
+        todo.append(_Study(plan, str(layout.staging(run_id, key)), fp))
     progress.emit("planned", {"total": len(plans), "to_process": len(todo)})
-    for entry in entries:
-        progress.emit("study", entry)
 
     # Transient failures (a lost worker, a storage hiccup) are retried with exponential backoff.
     backoff = [cfg.run.retry_delay_s * 2**i for i in range(cfg.run.retries)] or None
@@ -163,12 +226,14 @@ def _drive(plans: list[dict[str, Any]], run_id: str, out: str, cfg: Config,
     bar = create_progress_artifact(0.0, key="medpipe-progress", description="Studies finished") if todo else None
 
     running: dict[PrefectFuture, tuple[_Study, str]] = {}
+    finished: queue.Queue[PrefectFuture] = queue.Queue()
     reported = 0
     waiting = list(reversed(todo))
     window = max(4, 2 * cfg.cluster.workers)
 
     def submit(study: _Study, stage: str, fut: PrefectFuture) -> None:
         running[fut] = (study, stage)
+        fut.add_done_callback(finished.put)
 
     def start(study: _Study) -> None:
         submit(study, "ingest", ingest.submit(study.plan, study.staging, config))
@@ -186,32 +251,40 @@ def _drive(plans: list[dict[str, Any]], run_id: str, out: str, cfg: Config,
         if stage != "report" and not study.outstanding(running):
             prov = {**provenance, "input_fingerprint": study.fingerprint}
             submit(study, "report", finish_study.submit(key, study.plan, r, study.errors, study.staging,
-                                                        out, prov, config))
+                                                        out, prov, config, run["parameters"]["archive"]))
 
-    while waiting and len({s for s, _ in running.values()}) < window:
+    while waiting and not stop and len({s for s, _ in running.values()}) < window:
         start(waiting.pop())
-    while running:
-        fut = next(as_completed(list(running)))
+    while running and not stop:
+        try:
+            fut = finished.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if fut not in running:
+            continue
         study, stage = running.pop(fut)
         fut.wait()  # the final state comes with the Dask result; the API may still say RUNNING
         state = fut.state
         if stage == "report":
-            entry = fut.result() if state.is_completed() else _report_failed(study, state, layout)
-            entries.append(entry)
-            progress.emit("study", entry)
+            record(fut.result() if state.is_completed() else _report_failed(study, state, layout))
             reported += 1
             if bar is not None:
                 update_progress_artifact(bar, 100.0 * reported / len(todo))
-            if waiting:
+            if waiting and not stop:
                 start(waiting.pop())
             continue
         if state.is_completed():
             study.results[stage] = fut.result()
         else:
             study.errors[stage] = _error_text(state)
-            logging.getLogger("medpipe").warning("study %s: %s failed: %s", study.key, stage, study.errors[stage])
-        advance(study, stage if state.is_completed() else "failed")
-    return sorted(entries, key=lambda e: e["study_key"])
+            log.warning("study %s: %s failed: %s", study.key, stage, redactor.text(study.errors[stage]))
+        if not stop:
+            advance(study, stage if state.is_completed() else "failed")
+    if stop:
+        close_gate(layout.work / run_id)
+        in_flight = {s.key: s for s, _ in running.values()}
+        for study in [*in_flight.values(), *waiting]:
+            record(_interrupted(study, layout, started=study.key in in_flight))
 
 
 class _Study:
@@ -235,6 +308,16 @@ def _entry(plan: dict[str, Any], layout: OutputLayout, status: str, *, error: st
     entry = {"study_key": key, "status": status, "error": error, "output": f"studies/{key}" if exists else None,
              "modality": plan.get("modality"), "seconds": 0.0, "findings": None}
     return {**entry, "reason": reason} if reason else entry
+
+
+def _interrupted(study: _Study, layout: OutputLayout, *, started: bool) -> dict[str, Any]:
+    """The entry of a study the stop caught: ``ok`` if this run published it, else ``interrupted``."""
+    doc = already_published(layout.study(study.key), study.fingerprint)
+    if doc is not None:
+        entry = _entry(study.plan, layout, doc["status"], error=doc.get("error"))
+        return {**entry, "findings": key_findings(doc)}
+    reason = "the run was stopped while it was processed" if started else "the run was stopped before it started"
+    return _entry(study.plan, layout, "interrupted", reason=reason)
 
 
 def _report_failed(study: _Study, state: Any, layout: OutputLayout) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def _quiet(verbose: bool) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     cluster: dict[str, Any] = {}
-    if getattr(args, "workers", None):
+    if getattr(args, "workers", None) is not None:  # 0 is refused by the configuration, not ignored
         cluster["workers"] = args.workers
     if getattr(args, "cluster", None):
         cluster["kind"] = args.cluster
@@ -136,6 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.archive import process_archive
     from flows.server import prefect_api
 
+    from .stopping import RunInterrupted
     from .terminal import RunDisplay
 
     with RunDisplay() as display, prefect_api():
@@ -143,6 +144,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             run = process_archive(archive=str(args.archive), out=str(args.out),
                                   config=cfg.model_dump(mode="json"), force=args.force)
+        except RunInterrupted as exc:
+            display.fail(f"run {exc}; run.json records what was done ({args.out / 'run.json'})")
+            return exc.exit_status
         except Exception as exc:
             display.fail(f"run failed: {type(exc).__name__}: {exc}")
             return EXIT_RUN_FAILED

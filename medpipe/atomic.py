@@ -37,7 +37,28 @@ def _umask() -> int:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return write_bytes(path, text.encode("utf-8"))
+    """Write ``text`` as UTF-8; characters that cannot be encoded (undecodable bytes of a file
+    name, carried as surrogates) are written as backslash escapes instead of failing."""
+    return write_bytes(path, text.encode("utf-8", "backslashreplace"))
+
+
+def overwrite_in_place(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` over the existing file ``path`` without a temporary file.
+
+    For when the disk is full: the blocks of the old file are reused, so this can succeed where
+    :func:`write_bytes` cannot. Not atomic: use only for a small record that replaces one that
+    would otherwise be wrong.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return Path(path)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

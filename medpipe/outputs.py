@@ -10,8 +10,8 @@ Layout (the output contract, docs/output-contract.md)::
     OUT/.medpipe.lock                held by the run that is writing OUT
 
 A study folder under ``studies/`` is only ever complete: stages write into the staging folder
-and :func:`publish_study` renames it into place. A run killed half-way leaves only ``.work``,
-which the next run removes.
+and :func:`medpipe.publish.publish_study` verifies it and swaps it into place. A run killed
+half-way leaves only ``.work``, which the next run removes.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import replace_dir
 from .errors import MedpipeError
 
-STATUSES = ("ok", "failed", "skipped")
+STATUSES = ("ok", "failed", "skipped", "interrupted")
 EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
 
 
@@ -133,38 +132,30 @@ def _alive(pid: int) -> bool:
 
 
 def clean_work(out: Path, keep_run: str | None = None) -> None:
-    """Remove staging folders of earlier (finished or killed) runs."""
-    work = OutputLayout(Path(out)).work
-    if work.is_dir():
-        for entry in work.iterdir():
+    """Remove staging folders of earlier (finished or killed) runs.
+
+    Also finishes a folder swap that a killed run left half-done (where the file system cannot
+    exchange folders atomically, the old study folder is renamed aside first): an old folder
+    whose study folder is missing is put back, any other is removed.
+    """
+    layout = OutputLayout(Path(out))
+    if layout.work.is_dir():
+        for entry in layout.work.iterdir():
             if entry.name != keep_run:
                 shutil.rmtree(entry, ignore_errors=True)
+    if layout.studies.is_dir():
+        for entry in layout.studies.glob(".*.old-*"):
+            study = layout.studies / entry.name[1:].rsplit(".old-", 1)[0]
+            if study.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                os.replace(entry, study)
 
 
 def input_fingerprint(plan_fingerprint: str, config_fingerprint: str, model_sha256: str | None) -> str:
     """What a study's outputs depend on: its files, the configuration, the model, medpipe's version."""
     parts = [plan_fingerprint, config_fingerprint, model_sha256 or "-", __version__]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
-
-
-def completed_fingerprint(out: Path, key: str) -> str | None:
-    """The input fingerprint of the published, successful study ``key``, or None."""
-    report = OutputLayout(Path(out)).study(key) / "report.json"
-    try:
-        doc = json.loads(report.read_text())
-    except (OSError, ValueError):
-        return None
-    if doc.get("status") != "ok":
-        return None
-    return (doc.get("provenance") or {}).get("input_fingerprint")
-
-
-def publish_study(staging: Path, final: Path, *, keep: tuple[str, ...] = ()) -> Path:
-    """Move a finished staging folder into place, dropping intermediates not in ``keep``."""
-    for name in ("filtered.zarr",):
-        if name not in keep:
-            shutil.rmtree(staging / name, ignore_errors=True)
-    return replace_dir(staging, final)
 
 
 def exit_code(studies: list[dict[str, Any]]) -> int:

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from medpipe.atomic import write_json
 from medpipe.config import Config
-from medpipe.outputs import OutputLayout, completed_fingerprint, publish_study
+from medpipe.errors import StudyError
+from medpipe.outputs import OutputLayout
 
 from .dask_client import cluster_client
 
@@ -30,56 +30,84 @@ def finish_study(
     out: str,
     provenance: dict[str, Any],
     config: dict[str, Any],
+    archive: str,
 ) -> dict[str, Any]:
     """Write the study's reports into its staging folder and publish it; return its run.json entry.
 
-    A failed study is published only where no earlier successful output exists, so a bad night
-    never replaces a good result (its error is in run.json either way).
+    Only a complete, verified folder is published (:mod:`medpipe.publish`), and a failed result
+    never replaces an intact successful one. When Dask runs this task again after a lost worker
+    and the first attempt had already published this very result, that result is kept as it is.
+    Paths of archive files are replaced by tokens (:mod:`medpipe.privacy`); the entry's
+    ``private_issues`` carries them for the operator's log and is not part of run.json.
     """
-    from medpipe.report import assemble_record, key_findings, write_study_report
+    from medpipe.privacy import PathRedactor
+    from medpipe.publish import already_published, publish_study, published_fingerprint
+    from medpipe.report import assemble_record
 
     cfg = Config.model_validate(config)
     t0 = time.perf_counter()
-    staging_dir, final = Path(staging), OutputLayout(Path(out)).study(study_key)
-    staging_dir.mkdir(parents=True, exist_ok=True)
+    layout = OutputLayout(Path(out))
+    staging_dir, final = Path(staging), layout.study(study_key)
+    fingerprint = provenance["input_fingerprint"]
+    if not staging_dir.is_dir():
+        done = already_published(final, fingerprint)
+        if done is None:
+            raise StudyError(study_key, "its staging folder is gone (a lost worker or a stopped run); "
+                             "nothing was published")
+        return _entry(study_key, plan, done, stages, kept_previous=False, record_time=0.0)
+
+    redactor = PathRedactor.for_output(out, archive)
     timings = {name: r.get("seconds", 0.0) for name, r in stages.items() if isinstance(r, dict)}
     error = "; ".join(f"{stage}: {msg}" for stage, msg in errors.items()) or None
     record = assemble_record(study_key, {"plan": plan, **stages}, timings, provenance, error=error)
-    written: dict[str, str] = {}
-    try:
-        with cluster_client():
-            written = write_study_report(staging_dir, record, cfg, source_files=plan.get("files") or None)
-    except Exception as exc:  # the report of a study must not hide its results: keep the JSON
-        log.exception("report of study %s failed", study_key)
-        record["status"], record["error"] = "failed", f"{error + '; ' if error else ''}report: {exc}"
-        write_json(staging_dir / "report.json", record)
+    private = [redactor.issue(i)[1] | {"study_key": study_key} for i in record.get("issues") or []]
+    record = redactor.deep(record, known=plan.get("files") or ())
+    record = _write_report(staging_dir, record, cfg, plan.get("files") or None, error)
     record_time = round(time.perf_counter() - t0, 3)
-    kept_previous = record["status"] == "failed" and completed_fingerprint(Path(out), study_key) is not None
+    kept_previous = record["status"] != "ok" and published_fingerprint(final)[0] is not None
     if not kept_previous:
         keep = ("filtered.zarr",) if cfg.run.keep_intermediates else ()
-        publish_study(staging_dir, final, keep=keep)
+        publish_study(staging_dir, final, keep=keep, gate=layout.work / provenance["run_id"])
+    entry = _entry(study_key, plan, record, stages, kept_previous=kept_previous, record_time=record_time)
+    return {**entry, "private_issues": private}
+
+
+def _write_report(staging: Path, record: dict[str, Any], cfg: Config, source_files: list[str] | None,
+                  error: str | None) -> dict[str, Any]:
+    """Write the report files; a successful record whose folder is incomplete becomes a failed one."""
+    from medpipe.publish import verify_study
+    from medpipe.report import write_study_report
+
+    try:
+        with cluster_client():
+            record["outputs"] = write_study_report(staging, record, cfg, source_files=source_files)
+    except Exception as exc:  # the report of a study must not hide its results: keep the JSON
+        log.exception("report of study %s failed", record["study_key"])
+        record["status"], record["error"] = "failed", f"{error + '; ' if error else ''}report: {exc}"
+        record["outputs"] = {"json": "report.json"}
+        write_json(staging / "report.json", record)
+    problems = verify_study(staging) if record["status"] == "ok" else []
+    if problems:
+        record["status"], record["error"] = "failed", "outputs incomplete: " + "; ".join(problems)
+        record["outputs"] = write_study_report(staging, record, cfg)
+    return record
+
+
+def _entry(study_key: str, plan: dict[str, Any], record: dict[str, Any], stages: dict[str, Any], *,
+           kept_previous: bool, record_time: float) -> dict[str, Any]:
+    """The run.json entry of a reported study."""
+    from medpipe.report import key_findings
+
+    timings = {name: r.get("seconds", 0.0) for name, r in stages.items() if isinstance(r, dict)}
     return {
         "study_key": study_key,
         "status": record["status"],
-        "error": record["error"],
+        "error": record.get("error"),
         "output": f"studies/{study_key}",
         "previous_output_kept": kept_previous,
         "modality": plan.get("modality"),
         "seconds": round(sum(timings.values()) + record_time, 3),
         "timings": {**timings, "report": record_time},
         "findings": key_findings(record),
-        "files": sorted(written),
+        "files": sorted(record.get("outputs") or {}),
     }
-
-
-@task(name="run-summary", cache_policy=NO_CACHE, persist_result=False)
-def write_run_summary(out: str, run: dict[str, Any]) -> dict[str, Any]:
-    """Write OUT/run.json and OUT/run.html and publish the summary as Prefect artifacts."""
-    from medpipe.report import run_markdown, run_table, write_run_html
-
-    layout = OutputLayout(Path(out))
-    write_json(layout.run_json, run)
-    write_run_html(layout.root, run)
-    create_markdown_artifact(run_markdown(run), key="medpipe-run-summary", description="medpipe run summary")
-    create_table_artifact(run_table(run), key="medpipe-studies", description="Studies of this run")
-    return run

@@ -3,6 +3,8 @@ Prefect artifacts (plain functions here: the library never imports Prefect)."""
 
 from __future__ import annotations
 
+import html
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,50 @@ def write_run_html(out_dir: str | Path, run: dict[str, Any]) -> Path:
         The file written.
     """
     return atomic.write_text(Path(out_dir) / "run.html", render_run_html(run))
+
+
+def write_run_record(out_dir: str | Path, run: dict[str, Any]) -> list[str]:
+    """Write ``run.json`` and ``run.html`` whatever happens; return what could not be written.
+
+    When the disk is full, the whole record does not fit: a short record (status, counts and
+    the reason) is written over the old file's blocks instead, and if even that fails the old
+    files are removed. Never does an older run's record stay in place claiming to be this run's;
+    the next run with space writes the whole record again.
+    """
+    out_dir = Path(out_dir)
+    problems: list[str] = []
+    try:
+        atomic.write_json(out_dir / "run.json", run)
+    except OSError as exc:
+        problems.append(f"run.json: {exc.strerror or exc}")
+        _write_short(out_dir / "run.json", _short_json(run, problems))
+    try:
+        write_run_html(out_dir, run)
+    except OSError as exc:
+        problems.append(f"run.html: {exc.strerror or exc}")
+        _write_short(out_dir / "run.html", _short_html(run, problems))
+    return problems
+
+
+def _short_json(run: dict[str, Any], problems: list[str]) -> bytes:
+    short = {k: run.get(k) for k in ("run_id", "started", "finished", "status", "counts", "error")}
+    short["record_incomplete"] = problems
+    return (json.dumps(short, indent=1, default=str) + "\n").encode()
+
+
+def _short_html(run: dict[str, Any], problems: list[str]) -> bytes:
+    esc = html.escape
+    return (f"<!doctype html><html><meta charset=utf-8><title>medpipe run {esc(str(run.get('run_id')))}</title>"
+            f"<p>Run {esc(str(run.get('run_id')))}: {esc(str(run.get('status')))}, "
+            f"{esc(json.dumps(run.get('counts')))}. The full summary could not be written: "
+            f"{esc('; '.join(problems))}.</html>\n").encode()
+
+
+def _write_short(path: Path, data: bytes) -> None:
+    try:
+        atomic.overwrite_in_place(path, data)
+    except OSError:
+        path.unlink(missing_ok=True)  # no record is better than an older run's
 
 
 def _md(text: Any) -> str:

@@ -21,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 FAST = {"model": {"enabled": False}, "report": {"html": False, "dicom_seg": False, "dicom_sr": False}}
-STAGES = {"discover", "ingest", "filter_", "segment", "infer", "finish_study", "write_run_summary"}
+STAGES = {"discover", "ingest", "filter_", "segment", "infer", "finish_study"}
 
 
 def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
