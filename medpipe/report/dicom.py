@@ -5,10 +5,17 @@ label, frame by frame on the source images (matched by position along the slice 
 by InstanceNumber or file order); the SR holds each label's volume and references its segment.
 Both reference the source series, so a PACS can store them beside the study.
 
+Every processed study gets an SR: the model's result (positive, negative or not applicable) is a
+qualitative evaluation, so a study without any measurement still has the one measurement group
+TID 1500 requires. Sources may be single-frame series (axial, oblique, tilted), one multi-frame
+image (frames matched through its functional groups) or one 2-D image without patient geometry
+(CR, DX, US, secondary capture); direction cosines are normalised before highdicom copies them.
+
 highdicom copies the patient and study modules from the source images. Unless
 ``cfg.report.include_patient_identity`` is on, they are first replaced with anonymous values
 (patient name, ID, birth date, sex, age, accession number, physicians, institution, dates);
-the UIDs stay, because the references need them.
+the UIDs stay, because the references need them, and the method is recorded (PS3.15 basic
+profile with the Retain UIDs option) as PatientIdentityRemoved requires.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 from .. import __version__, atomic, omezarr
 
@@ -43,6 +52,13 @@ IDENTITY = {
     "DeviceSerialNumber": None, "RequestingPhysician": None, "IssuerOfPatientID": None,
 }
 UCUM_ML = pydicom.sr.coding.Code("ml", "UCUM", "milliliter")
+NOT_APPLICABLE = pydicom.sr.coding.Code("385432009", "SCT", "Not applicable")
+# What anonymize() does, in PS3.16 CID 7050 terms: the basic profile for the attributes the
+# derived objects carry, with the UIDs kept so that SEG and SR still reference their sources.
+DEID_CODES = (codes.cid7050.BasicApplicationConfidentialityProfile, codes.cid7050.RetainUidsOption)
+DEID_METHOD = "medpipe: PS3.15 Basic Profile, Retain UIDs Option"  # LO: at most 64 characters
+# Words that mark a model label as the negative result ("no_lesion", "normal", ...).
+_NEGATIVE = ("no_", "no ", "non_", "non-", "not_", "normal", "negative", "absent", "healthy", "background")
 _TYPES = {
     "lung": codes.SCT.Lung, "fat": codes.SCT.AdiposeTissue, "adipose": codes.SCT.AdiposeTissue,
     "soft_tissue": codes.SCT.SoftTissue, "bone": codes.SCT.Bone, "brain": codes.SCT.Brain,
@@ -85,47 +101,167 @@ def anonymize(ds: pydicom.Dataset, study_key: str) -> pydicom.Dataset:
             delattr(out, keyword)
     out.PatientID = study_key
     out.PatientIdentityRemoved = "YES"
+    out.DeidentificationMethod = DEID_METHOD
+    out.DeidentificationMethodCodeSequence = [_code_item(c) for c in DEID_CODES]
     out.remove_private_tags()
     return out
 
 
+def _code_item(code: Any) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
+    return item
+
+
+def with_deid_method(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` with a DeidentificationMethod wherever PatientIdentityRemoved is YES (type 1C).
+
+    A source de-identified elsewhere may lack it; highdicom would copy the gap into SEG and SR.
+    """
+    if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
+            ds.get("DeidentificationMethod") or ds.get("DeidentificationMethodCodeSequence")):
+        ds.DeidentificationMethod = "de-identified before medpipe; method not recorded in the source"
+    return ds
+
+
+def _unit(values: Any) -> list[str]:
+    """Row and column direction cosines scaled to unit length, as DS strings."""
+    v = np.asarray([float(x) for x in values], float).reshape(2, 3)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return [format_number_as_ds(float(x)) for x in v.ravel()]
+
+
+def normalise_orientation(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` with every ImageOrientationPatient (top level and functional groups) of unit length.
+
+    Scanners write cosines rounded to a few digits (``0\\0.98796\\-0.151524``); highdicom copies them
+    as they are and validators require unit vectors.
+    """
+    if "ImageOrientationPatient" in ds:
+        ds.ImageOrientationPatient = _unit(ds.ImageOrientationPatient)
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(keyword) or []:
+            for item in group.get("PlaneOrientationSequence") or []:
+                if "ImageOrientationPatient" in item:
+                    item.ImageOrientationPatient = _unit(item.ImageOrientationPatient)
+    return ds
+
+
 def _read_sources(files: list[str]) -> list[pydicom.Dataset]:
+    """The image headers among ``files`` (unreadable files and non-images are left out)."""
     out = []
     for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
-        if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        except Exception:  # noqa: BLE001 - ingest already reported unreadable files
+            continue
+        if "SOPClassUID" in ds and "Rows" in ds:
             out.append(ds)
     return out
 
 
-def match_slices(sources: list[pydicom.Dataset], affine: np.ndarray, shape: tuple[int, int, int]
-                 ) -> tuple[list[pydicom.Dataset], tuple[bool, bool]]:
-    """The source image of each Zarr slice (index order) and whether rows/columns are flipped.
+@dataclass
+class SourceFrames:
+    """Source images for highdicom and the Zarr slice of each of their frames.
 
-    Positions are projected on the volume's slice axis; every slice needs exactly one image.
+    ``slices[i]`` is the Zarr slice shown by frame ``i`` (frames of all images in order; for
+    single-frame images one per image), ``None`` where a frame matches no slice. ``flips`` says
+    whether the Zarr's rows / columns run opposite to the source's.
     """
-    if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for ds in sources):
-        raise ValueError("multi-frame source images are not supported for SEG yet")
-    ds0 = sources[0]
-    row_cos, col_cos = np.asarray(ds0.ImageOrientationPatient[:3], float), np.asarray(ds0.ImageOrientationPatient[3:], float)
+
+    images: list[pydicom.Dataset]
+    slices: list[int | None]
+    flips: tuple[bool, bool]
+
+
+def _n_frames(ds: pydicom.Dataset) -> int:
+    return int(getattr(ds, "NumberOfFrames", 1) or 1)
+
+
+def _group_value(ds: pydicom.Dataset, frame: int, sequence: str, keyword: str) -> Any:
+    """A functional group attribute of one frame (per-frame first, then shared)."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq and index < len(seq) and seq[index].get(sequence):
+            value = seq[index].get(sequence)[0].get(keyword)
+            if value is not None:
+                return value
+    return None
+
+
+def frame_geometry(ds: pydicom.Dataset) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+    """(ImagePositionPatient, ImageOrientationPatient) of each frame of ``ds``; ``None`` where absent."""
+    def arr(v: Any) -> np.ndarray | None:
+        return None if v is None else np.asarray([float(x) for x in v], float)
+
+    if _n_frames(ds) == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        return [(arr(ds.get("ImagePositionPatient")), arr(ds.get("ImageOrientationPatient")))]
+    return [(arr(_group_value(ds, i, "PlanePositionSequence", "ImagePositionPatient")),
+             arr(_group_value(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient")))
+            for i in range(_n_frames(ds))]
+
+
+def _check_size(ds: pydicom.Dataset, shape: tuple[int, int, int]) -> None:
+    if (int(ds.Rows), int(ds.Columns)) != tuple(shape[1:]):
+        raise ValueError(f"source images of {ds.Rows}x{ds.Columns} do not match the volume's {tuple(shape[1:])}")
+
+
+def match_sources(sources: list[pydicom.Dataset], affine: np.ndarray, shape: tuple[int, int, int]) -> SourceFrames:
+    """Match the source images (or the frames of one multi-frame image) with the Zarr slices.
+
+    Frame positions are projected on the volume's slice axis, never ordered by InstanceNumber. A
+    single 2-D image without patient geometry (CR, DX, US, OT) is the volume's only slice.
+
+    Raises
+    ------
+    ValueError
+        When the sources do not cover every slice or their geometry differs from the volume's.
+    """
+    if not sources:
+        raise ValueError("no source image")
+    multi = [ds for ds in sources if _n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds]
+    if multi and len(sources) > 1:
+        raise ValueError(f"{len(sources)} source images of which {len(multi)} multi-frame: one multi-frame "
+                         "image or single-frame images expected")
+    geometry = [g for ds in sources for g in frame_geometry(ds)]
+    if all(pos is None or iop is None for pos, iop in geometry):
+        if len(geometry) != 1 or shape[0] != 1:
+            raise ValueError(f"{len(geometry)} source frames without ImagePositionPatient/ImageOrientationPatient "
+                             f"for {shape[0]} slices: only a single 2-D image can be matched without them")
+        _check_size(sources[0], shape)
+        return SourceFrames([sources[0]], [0], (False, False))
+    _check_size(sources[0], shape)
     ax = affine[:3, 0] / np.linalg.norm(affine[:3, 0])
     ay = affine[:3, 1] / np.linalg.norm(affine[:3, 1])
-    dx, dy = float(row_cos @ ax), float(col_cos @ ay)
-    if abs(abs(dx) - 1) > 1e-3 or abs(abs(dy) - 1) > 1e-3:
-        raise ValueError("source image orientation differs from the image volume's")
-    if (int(ds0.Rows), int(ds0.Columns)) != tuple(shape[1:]):
-        raise ValueError(f"source images of {ds0.Rows}x{ds0.Columns} do not match the volume's {shape[1:]}")
     zcol, origin = affine[:3, 2], affine[:3, 3]
-    by_slice: dict[int, pydicom.Dataset] = {}
-    for ds in sources:
-        k = float((np.asarray(ds.ImagePositionPatient, float) - origin) @ zcol / (zcol @ zcol))
-        kr = round(k)
-        if abs(k - kr) < 0.25 and 0 <= kr < shape[0]:
-            by_slice.setdefault(kr, ds)
-    missing = [k for k in range(shape[0]) if k not in by_slice]
+    slices: list[int | None] = []
+    flips = None
+    for pos, iop in geometry:
+        k = None
+        if pos is not None and iop is not None:
+            row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+            dx, dy = float(row @ ax), float(col @ ay)
+            if abs(abs(dx) - 1) <= 1e-3 and abs(abs(dy) - 1) <= 1e-3:
+                flips = flips or (dy < 0, dx < 0)
+                kf = float((pos - origin) @ zcol / (zcol @ zcol))
+                if abs(kf - round(kf)) < 0.25 and 0 <= round(kf) < shape[0]:
+                    k = round(kf)
+        slices.append(k)
+    if flips is None:
+        raise ValueError("source image orientation differs from the image volume's")
+    if multi:
+        images = sources
+    else:  # single-frame images: one per slice (the first at a position), in slice order
+        by_slice: dict[int, pydicom.Dataset] = {}
+        for ds, k in zip(sources, slices):
+            if k is not None:
+                by_slice.setdefault(k, ds)
+        images = [by_slice[k] for k in sorted(by_slice)]
+        slices = sorted(by_slice)
+    missing = sorted(set(range(shape[0])) - set(k for k in slices if k is not None))
     if missing:
         raise ValueError(f"no source image at {len(missing)} of {shape[0]} slice positions (first: {missing[0]})")
-    return [by_slice[k] for k in range(shape[0])], (dy < 0, dx < 0)
+    return SourceFrames(images, slices, flips)
 
 
 def _encode(ds: pydicom.Dataset) -> bytes:
@@ -134,21 +270,42 @@ def _encode(ds: pydicom.Dataset) -> bytes:
     return buf.getvalue()
 
 
-def build_seg(sources: list[pydicom.Dataset], labels: np.ndarray, names: dict[int, str], flips: tuple[bool, bool],
-              method: str | None, series_number: int = 900) -> tuple[Any, dict[int, int]]:
-    """The Segmentation dataset and the map label value -> segment number."""
+def seg_frames(labels: np.ndarray, match: SourceFrames) -> np.ndarray:
+    """The label image as one frame per source frame, in the source's row and column order."""
+    empty = np.zeros(labels.shape[1:], labels.dtype)
+    frames = np.stack([labels[k] if k is not None else empty for k in match.slices])
+    if match.flips[0]:
+        frames = frames[:, ::-1, :]
+    if match.flips[1]:
+        frames = frames[:, :, ::-1]
+    return np.ascontiguousarray(frames)
+
+
+def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], method: str | None,
+              series_number: int = 900) -> tuple[Any, dict[int, int]]:
+    """The Segmentation dataset and the map label value -> segment number.
+
+    Parameters
+    ----------
+    match : SourceFrames
+        From :func:`match_sources`.
+    labels : ndarray, shape (Z, Y, X)
+        The Zarr label image.
+    names : dict
+        Label value to name (value 0, background, is no segment).
+    method : str or None
+        The segmentation method (named in the algorithm identification).
+    """
     import highdicom as hd
 
     values = sorted(v for v in names if v != 0)
+    if not values:
+        raise ValueError("the segmentation has no labels besides background")
     seg_number = {v: i + 1 for i, v in enumerate(values)}
     lut = np.zeros(max(int(labels.max()), max(values)) + 1, np.uint16)
     for v, s in seg_number.items():
         lut[v] = s
-    frames = lut[labels]
-    if flips[0]:
-        frames = frames[:, ::-1, :]
-    if flips[1]:
-        frames = frames[:, :, ::-1]
+    frames = seg_frames(lut[labels], match)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"medpipe {method or 'segmentation'}", version=__version__,
         family=codes.cid7162.ArtificialIntelligence if any(w in (method or "").lower() for w in ("model", "net", "cnn"))
@@ -163,18 +320,69 @@ def build_seg(sources: list[pydicom.Dataset], labels: np.ndarray, names: dict[in
             algorithm_identification=algorithm, tracking_uid=generate_uid(), tracking_id=f"label {v}: {names[v]}"[:64],
         ))
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=np.ascontiguousarray(frames),
+        source_images=match.images, pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=generate_uid(), series_number=series_number, sop_instance_uid=generate_uid(),
         instance_number=1, manufacturer="medpipe", manufacturer_model_name="medpipe", software_versions=__version__,
         device_serial_number="0", content_label="MEDPIPE", content_description=f"medpipe {method or ''}".strip()[:64],
+        omit_empty_frames=bool(frames.any()),  # an empty segmentation (a negative result) keeps its frames
     )
+    if "PatientOrientation" not in seg and "ImageOrientationPatient" not in match.images[0]:
+        # Type 2C without patient geometry (CR, DX, US, OT); highdicom does not copy it.
+        seg.PatientOrientation = match.images[0].get("PatientOrientation") or ""
     return seg, seg_number
+
+
+def referenced_segment(seg: Any, number: int) -> Any:
+    """The SR's reference to one segment of ``seg``.
+
+    highdicom 0.28's ``ReferencedSegment.from_segmentation`` reads the segment number of each
+    frame from the per-frame groups only; a SEG of one segment keeps it in the shared groups, so
+    every frame (and every source image) belongs to that segment.
+    """
+    import highdicom as hd
+
+    try:
+        return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
+    except AttributeError:
+        sources = [hd.sr.SourceImageForSegmentation(ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID)
+                   for series in seg.ReferencedSeriesSequence for ref in series.ReferencedInstanceSequence]
+        return hd.sr.ReferencedSegment(seg.SOPClassUID, seg.SOPInstanceUID, number, source_images=sources)
+
+
+def _is_negative(label: str, labels: list[str]) -> bool:
+    key = label.lower()
+    return key.startswith(_NEGATIVE) or (len(labels) == 2 and label == labels[0])
+
+
+def model_evaluation(model: dict[str, Any] | None) -> tuple[Any, Any, str]:
+    """(finding, value, tracking text) of the model's study-level result.
+
+    The finding is the model's positive class (e.g. Lesion); the value is Present, Absent, or
+    Not applicable where no model ran, it was skipped, or it gave no study label.
+    """
+    labels = [str(x) for x in (model or {}).get("labels") or []]
+    outputs = (model or {}).get("outputs") or {}
+    label = outputs.get("study_label")
+    positive = next((x for x in reversed(labels) if not _is_negative(x, labels)), None) or (
+        label if label is not None and not _is_negative(str(label), labels) else "finding")
+    finding = property_codes(positive)[1] if positive != "finding" else codes.DCM.Finding
+    name = (model or {}).get("name") or "model"
+    if model is None or model.get("skipped") or label is None:
+        why = "no model" if model is None else (f"skipped: {model['skipped']}" if model.get("skipped") else "no result")
+        return finding, NOT_APPLICABLE, f"{name}: not applicable ({why})"
+    value = codes.SCT.Absent if _is_negative(str(label), labels) else codes.SCT.Present
+    score = outputs.get("study_score")
+    return finding, value, f"{name}: {label}" + (f" (score {score:.3f})" if isinstance(score, (int, float)) else "")
 
 
 def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[int, int],
              record: dict[str, Any], series_number: int = 901) -> Any:
-    """Comprehensive 3D SR (TID 1500) with the volume of each measured label."""
+    """Comprehensive 3D SR (TID 1500): the model's result and the volume of each measured label.
+
+    The model's result is one measurement group holding a qualitative evaluation (Present,
+    Absent or Not applicable), so that every study, also one without measurements, has an SR.
+    """
     import highdicom as hd
 
     observer = hd.sr.ObserverContext(
@@ -182,9 +390,16 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=generate_uid(), name="medpipe", manufacturer_name="medpipe", model_name=__version__),
     )
-    groups = []
+    model = record.get("model")
+    finding, value, text = model_evaluation(model)
+    model_id = hd.sr.AlgorithmIdentification(name=str((model or {}).get("name") or "medpipe")[:64],
+                                             version=str((model or {}).get("version") or __version__)[:64])
+    groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=text[:64]),
+        finding_type=finding, algorithm_id=model_id,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=value)])]
     algorithm = hd.sr.AlgorithmIdentification(name="medpipe", version=__version__)
-    for m in record["segmentation"]["measurements"]:
+    for m in (record.get("segmentation") or {}).get("measurements") or []:
         v = int(m["label"])
         category, kind = property_codes(m["name"])
         measurement = hd.sr.Measurement(name=codes.SCT.Volume, value=float(m["volume_ml"]), unit=UCUM_ML,
@@ -192,8 +407,7 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
         tracking = hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"label {v}: {m['name']}"[:64])
         if seg is not None and v in seg_number:
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking, referenced_segment=hd.sr.ReferencedSegment.from_segmentation(
-                    seg, segment_number=seg_number[v]),
+                tracking_identifier=tracking, referenced_segment=referenced_segment(seg, seg_number[v]),
                 finding_type=kind, finding_category=category, measurements=[measurement]))
         else:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -212,43 +426,84 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
     )
 
 
-def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
-                        source_files: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Write ``seg.dcm`` and ``sr.dcm`` as configured; return the files written and the problems met."""
-    rc = cfg.report
-    written: dict[str, str] = {}
-    problems: list[str] = []
-    image = Path(study_dir) / "image.zarr"
-    try:
-        sources = _read_sources(source_files)
-        if not sources:
-            raise ValueError("no source image with a position")
-        meta = omezarr.read_meta(image)
-        labels = np.asarray(omezarr.read_labels(image).compute())
-        names = {int(k): v for k, v in record["segmentation"]["labels"].items()} or omezarr.label_names(image)
-        ordered, flips = match_slices(sources, meta.affine, meta.shape)
-        if not rc.include_patient_identity:
-            ordered = [anonymize(ds, record["study_key"]) for ds in ordered]
-        ordered = [with_type2(ds) for ds in ordered]
-    except Exception as exc:
-        return written, [f"DICOM SEG/SR not written: {exc}"]
+def _prepare(sources: list[pydicom.Dataset], record: dict[str, Any], identity: bool) -> list[pydicom.Dataset]:
+    """Copies of the source headers as SEG and SR may copy them: anonymous unless ``identity``,
+    type 2 attributes present, unit direction cosines, a de-identification method where needed."""
+    out = []
+    for ds in sources:
+        ds = copy.deepcopy(ds) if identity else anonymize(ds, record["study_key"])
+        out.append(with_deid_method(normalise_orientation(with_type2(ds))))
+    return out
 
-    seg, seg_number = None, {}
-    if rc.dicom_seg:
+
+def _object(kind: str, file: str | None, reason: str | None) -> dict[str, Any]:
+    return {"object": kind, "file": file, "made": file is not None, "reason": reason}
+
+
+def _not_attempted(record: dict[str, Any], enabled: bool, flag: str, sources: list[pydicom.Dataset],
+                   source_files: list[str]) -> str | None:
+    """Why an object is not made before trying, or None."""
+    if not enabled:
+        return f"disabled by configuration (report.{flag} is false)"
+    if record.get("status") != "ok":
+        return "the study failed: " + str(record.get("error") or "see error")
+    if not source_files:
+        return "no source DICOM files"
+    if not sources:
+        return f"none of the {len(source_files)} source files is a readable DICOM image"
+    return None
+
+
+def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
+                        source_files: list[str] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Write ``seg.dcm`` and ``sr.dcm`` as configured.
+
+    Returns
+    -------
+    objects : list of dict
+        One per object (``seg``, ``sr``): ``object``, ``file`` (or None), ``made`` and the
+        ``reason`` it was not made (None when made).
+    problems : list of str
+        Warnings for objects whose making failed (not for those off by configuration).
+    """
+    rc = cfg.report
+    study_dir = Path(study_dir)
+    source_files = list(source_files or [])
+    sources = _read_sources(source_files) if record.get("status") == "ok" else []
+    ordered = _prepare(sources, record, rc.include_patient_identity)
+    problems: list[str] = []
+
+    seg, seg_number, seg_file = None, {}, None
+    reason = _not_attempted(record, rc.dicom_seg, "dicom_seg", sources, source_files)
+    segmentation = record.get("segmentation") or {}
+    image = study_dir / "image.zarr"
+    if reason is None and not (segmentation.get("labels") and (image / "labels").is_dir()):
+        reason = "no segmentation"
+    if reason is None:
         try:
-            seg, seg_number = build_seg(ordered, labels, names, flips, record["segmentation"].get("method"))
-            atomic.write_bytes(Path(study_dir) / "seg.dcm", _encode(seg))
-            written["seg"] = "seg.dcm"
+            meta = omezarr.read_meta(image)
+            labels = np.asarray(omezarr.read_labels(image).compute())
+            names = {int(k): v for k, v in segmentation["labels"].items()} or omezarr.label_names(image)
+            match = match_sources(ordered, meta.affine, meta.shape)
+            seg, seg_number = build_seg(match, labels, names, segmentation.get("method"))
+            atomic.write_bytes(study_dir / "seg.dcm", _encode(seg))
+            seg_file = "seg.dcm"
         except Exception as exc:  # a derived object's failure is a warning, never the study's
-            log.exception("SEG of study %s failed", record["study_key"])
+            log.warning("SEG of study %s not written: %s", record["study_key"], exc, exc_info=True)
+            reason, seg = f"{type(exc).__name__}: {exc}", None
             problems.append(f"DICOM SEG not written: {exc}")
-            seg = None
-    if rc.dicom_sr:
+    objects = [_object("seg", seg_file, reason)]
+
+    sr_file = None
+    reason = _not_attempted(record, rc.dicom_sr, "dicom_sr", sources, source_files)
+    if reason is None:
         try:
             sr = build_sr(ordered, seg, seg_number, record)
-            atomic.write_bytes(Path(study_dir) / "sr.dcm", _encode(sr))
-            written["sr"] = "sr.dcm"
+            atomic.write_bytes(study_dir / "sr.dcm", _encode(sr))
+            sr_file = "sr.dcm"
         except Exception as exc:
-            log.exception("SR of study %s failed", record["study_key"])
+            log.warning("SR of study %s not written: %s", record["study_key"], exc, exc_info=True)
+            reason = f"{type(exc).__name__}: {exc}"
             problems.append(f"DICOM SR not written: {exc}")
-    return written, problems
+    objects.append(_object("sr", sr_file, reason))
+    return objects, problems

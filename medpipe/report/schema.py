@@ -1,6 +1,6 @@
 """The versioned JSON Schema of ``report.json`` and its validation.
 
->>> report_schema()["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+>>> SCHEMA_VERSION in report_schema()["properties"]["schema_version"]["enum"]
 True
 """
 
@@ -11,7 +11,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: optional "objects" (which DICOM objects were made, why not)
 SCHEMA_FILE = "report.schema.json"
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import atomic
+from .dicom import write_dicom_outputs
 from .html import render_study_html
 from .record import jsonable
 from .schema import validate_report
@@ -37,7 +38,8 @@ def write_study_report(study_dir: Path, record: dict, cfg: "Config",
     -------
     dict
         Kind (``json``, ``html``, ``seg``, ``sr``) to file name relative to ``study_dir``.
-        A SEG or SR that cannot be made becomes a warning in the report, never an exception.
+        A SEG or SR that cannot be made is never an exception: ``record["objects"]`` says why
+        (and a failure to make one is also a warning).
 
     Raises
     ------
@@ -51,16 +53,12 @@ def write_study_report(study_dir: Path, record: dict, cfg: "Config",
     rc = cfg.report
     written: dict[str, str] = {}
 
-    seg = record.get("segmentation") or {}
-    has_labels = bool(seg.get("labels")) and (study_dir / "image.zarr" / "labels").is_dir()
-    if source_files and has_labels and record["status"] == "ok" and (rc.dicom_seg or rc.dicom_sr):
-        from .dicom import write_dicom_outputs
-
-        names, problems = write_dicom_outputs(study_dir, record, cfg, source_files)
-        written.update(names)
-        for p in problems:
-            log.warning("study %s: %s", record["study_key"], p)
-            record["warnings"].append(p)
+    objects, problems = write_dicom_outputs(study_dir, record, cfg, source_files)
+    written.update({o["object"]: o["file"] for o in objects if o["made"]})
+    record["objects"] = objects
+    for p in problems:
+        log.warning("study %s: %s", record["study_key"], p)
+        record["warnings"].append(p)
 
     if rc.html:
         written["html"] = "report.html"

@@ -84,13 +84,19 @@ def test_patient_identity_when_configured(study):
 
 
 def test_sr_without_seg_and_failures_are_warnings(study):
-    written, _ = _write(study, dicom_seg=False)
+    written, saved = _write(study, dicom_seg=False)
     assert "seg" not in written and written["sr"] == "sr.dcm"
+    assert saved["objects"][0] == {"object": "seg", "file": None, "made": False,
+                                   "reason": "disabled by configuration (report.dicom_seg is false)"}
     sr = hd.sr.srread(study.study_dir / "sr.dcm")
     assert not sr.content.get_volumetric_roi_measurement_groups()
-    # Source files from another geometry cannot be matched: a warning, not a crash.
+    # Source files from another geometry cannot be matched: the SEG is not made (a warning and
+    # the reason in report.json), the SR still is.
     doc = assemble_record(study.study_dir.name, study.stages, study.timings, study.provenance)
     written = write_study_report(study.study_dir, doc, Config(), study.files[:5])
     saved = json.loads((study.study_dir / "report.json").read_text())
-    assert set(written) == {"html", "json"}
-    assert any(w.startswith("DICOM SEG/SR not written: no source image") for w in saved["warnings"])
+    assert set(written) == {"html", "json", "sr"}
+    assert any(w.startswith("DICOM SEG not written: no source image") for w in saved["warnings"])
+    seg, sr = saved["objects"]
+    assert not seg["made"] and seg["file"] is None and seg["reason"].startswith("ValueError: no source image at")
+    assert sr == {"object": "sr", "file": "sr.dcm", "made": True, "reason": None}
