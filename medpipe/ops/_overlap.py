@@ -7,6 +7,13 @@ neighbour data. This is exact for every SciPy mode except ``wrap``, which needs 
 face and maps to Dask's ``periodic``. (Dask's ``reflect`` equals SciPy's default ``reflect``,
 half-sample symmetric, too; ``none`` is simply exact for all the other modes as well and
 moves less data.)
+
+Any shape: an axis held by one block (after merging short chunks) gets no halo at all, since
+the block is the whole axis and SciPy's ``mode`` handles both of its ends; so halos never
+exceed the array (a one- or two-slice volume under a Gaussian of depth 3 works). An axis of
+length one is not an image axis: :func:`planar` gives it a neutral footprint (sigma 0, size
+1, the footprint's middle plane), so a single slice is filtered as the 2-D image it is, also
+under ``mode="constant"`` (for the other modes SciPy's 3-D result is the same).
 """
 
 from __future__ import annotations
@@ -69,6 +76,40 @@ def halo_depth(
     return tuple(r * iterations for r in reach)
 
 
+def planar(value: Any, shape: Sequence[int], neutral: float, name: str = "value") -> Any:
+    """Per-axis ``value`` with ``neutral`` on the axes of length one; ``value`` itself when
+    no axis has length one (scalars stay scalars on ordinary volumes).
+
+    >>> planar(0.7, (1, 64, 64), 0.0)
+    (0.0, 0.7, 0.7)
+    >>> planar(3, (2, 64, 64), 1)
+    3
+    >>> planar(None, (1, 4, 4), 1) is None
+    True
+    """
+    if value is None or all(n > 1 for n in shape):
+        return value
+    per_axis = _per_axis(value, len(shape), name)
+    return tuple(type(neutral)(neutral) if n == 1 else type(neutral)(v) for v, n in zip(per_axis, shape))
+
+
+def planar_footprint(footprint: Any, shape: Sequence[int]) -> Any:
+    """``footprint`` cut to its middle plane along the axes of length one (same ``ndim``).
+
+    >>> planar_footprint(np.ones((3, 3, 3), bool), (1, 5, 5)).shape
+    (1, 3, 3)
+    """
+    if footprint is None or all(n > 1 for n in shape):
+        return footprint
+    out = np.asarray(footprint)
+    if out.ndim != len(shape):
+        return footprint  # the operator's own check names the mismatch
+    for ax, n in enumerate(shape):
+        if n == 1:
+            out = out.take([out.shape[ax] // 2], axis=ax)
+    return out
+
+
 def fit_chunks(chunks: tuple[tuple[int, ...], ...], depth: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     """Merge neighbouring chunks along each axis until every chunk is at least ``depth`` long.
 
@@ -110,7 +151,9 @@ def apply_overlap(
 
     For Dask, chunks shorter than the halo are merged first (and the input chunking restored
     afterwards), then one ``map_overlap`` with ``boundary="none"`` (``periodic`` when
-    ``wrap``, i.e. SciPy's ``mode="wrap"``) runs ``func`` with the halo ``depth``.
+    ``wrap``, i.e. SciPy's ``mode="wrap"``) runs ``func`` with the halo ``depth``. Axes left
+    in one block get no halo: the block holds the whole axis, so the result is exact without
+    one, and Dask refuses a halo deeper than the array.
 
     With ``self_trim``, ``func`` also receives ``halo``: per axis the ``(low, high)`` halo
     widths of its block, and returns the block without them. Separable operators use this to
@@ -126,6 +169,7 @@ def apply_overlap(
     original = image.chunks
     fitted = fit_chunks(original, depth)
     work = image.rechunk(fitted) if fitted != original else image
+    depth = tuple(0 if len(sizes) == 1 else d for sizes, d in zip(fitted, depth))
     if self_trim:
         boundary = "periodic" if wrap else "none"
         extended = da.overlap.overlap(work, depth=dict(enumerate(depth)), boundary=boundary)

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _banded
 from ._backend import get_ndi, get_xp
-from ._overlap import apply_overlap, halo_depth
+from ._overlap import apply_overlap, halo_depth, planar, planar_footprint
 
 __all__ = [
     "gaussian_filter", "median_filter", "uniform_filter", "anisotropic_diffusion", "unsharp_mask",
@@ -102,8 +102,14 @@ def gaussian_filter(
     image: Any, sigma: float | Sequence[float], order: int = 0, mode: str = "reflect",
     cval: float = 0.0, truncate: float = 4.0,
 ) -> Any:
-    """Gaussian filter (``scipy.ndimage.gaussian_filter``); halo ``int(sigma*truncate+0.5)``."""
+    """Gaussian filter (``scipy.ndimage.gaussian_filter``); halo ``int(sigma*truncate+0.5)``.
+
+    Axes of length one are not smoothed (a single slice is a 2-D image); derivatives
+    (``order`` > 0) keep SciPy's semantics on every axis.
+    """
     _check_image(image)
+    if not np.any(order):
+        sigma = planar(sigma, image.shape, 0.0, "sigma")
     depth = halo_depth(image.ndim, sigma=sigma, truncate=truncate)
     return apply_overlap(_gaussian_block, image, depth, wrap=mode == "wrap", self_trim=True,
                          sigma=sigma, order=order, mode=mode, cval=cval, truncate=truncate)
@@ -113,25 +119,33 @@ def median_filter(
     image: Any, size: int | Sequence[int] | None = None, footprint: Any = None,
     mode: str = "reflect", cval: float = 0.0,
 ) -> Any:
-    """Median filter (``scipy.ndimage.median_filter``); halo ``size//2``."""
+    """Median filter (``scipy.ndimage.median_filter``); halo ``size//2``; axes of length one
+    get size 1 (a single slice is a 2-D image)."""
     _check_image(image)
     if size is None and footprint is None:
         raise ValueError("median_filter needs size or footprint")
+    size, footprint = planar(size, image.shape, 1, "size"), planar_footprint(footprint, image.shape)
     depth = halo_depth(image.ndim, size=size, footprint=footprint)
     return apply_overlap(_median_block, image, depth, wrap=mode == "wrap",
                          size=size, footprint=footprint, mode=mode, cval=cval)
 
 
 def uniform_filter(image: Any, size: int | Sequence[int] = 3, mode: str = "reflect", cval: float = 0.0) -> Any:
-    """Mean over a box (``scipy.ndimage.uniform_filter``); halo ``size//2``."""
+    """Mean over a box (``scipy.ndimage.uniform_filter``); halo ``size//2``; axes of length one
+    get size 1."""
     _check_image(image)
+    size = planar(size, image.shape, 1, "size")
     depth = halo_depth(image.ndim, size=size)
     return apply_overlap(_uniform_block, image, depth, wrap=mode == "wrap", size=size, mode=mode, cval=cval)
 
 
 def gradient_magnitude(image: Any, sigma: float | Sequence[float] = 1.0, mode: str = "reflect",
                        cval: float = 0.0, truncate: float = 4.0) -> Any:
-    """Gaussian gradient magnitude (``scipy.ndimage.gaussian_gradient_magnitude``)."""
+    """Gaussian gradient magnitude (``scipy.ndimage.gaussian_gradient_magnitude``).
+
+    SciPy's semantics on every axis: along an axis of length one the derivative is zero for
+    every mode but ``constant`` (where the edge is a step to ``cval``).
+    """
     _check_image(image)
     depth = halo_depth(image.ndim, sigma=sigma, truncate=truncate)
     return apply_overlap(_ggm_block, image, depth, wrap=mode == "wrap",
@@ -147,10 +161,11 @@ def unsharp_mask(image: Any, sigma: float | Sequence[float] = 1.0, amount: float
                  truncate: float = 4.0) -> Any:
     """Enhancement: ``image + amount * (image - gaussian(image, sigma))`` (float input expected).
 
-    Integer input is computed in float32.
+    Integer input is computed in float32. Axes of length one are not blurred.
     """
     _check_image(image)
     image = _as_float(image)
+    sigma = planar(sigma, image.shape, 0.0, "sigma")
     depth = halo_depth(image.ndim, sigma=sigma, truncate=truncate)
     return apply_overlap(_unsharp_block, image, depth, sigma=sigma, amount=float(amount), truncate=truncate)
 

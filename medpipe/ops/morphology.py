@@ -4,6 +4,10 @@ Opening/closing run SciPy's (or CuPy's) operator in one ``map_overlap`` whose ha
 structuring element's reach times the iterations. Hole filling and largest-component go
 through :func:`medpipe.ops.label`, so they see the whole volume, not one chunk.
 
+An axis of length one is not an image axis: structuring elements keep only their middle plane
+along it and hole filling ignores its ends, so a single slice is processed as the 2-D image it
+is (SciPy's 3-D erosion of one slice, with the volume's border outside, would erase it).
+
 >>> import numpy as np
 >>> ring = np.pad(np.zeros((1, 3, 3), bool), ((0, 0), (1, 1), (1, 1)), constant_values=True)
 >>> int(fill_holes(ring, in_plane=True).sum())
@@ -20,7 +24,7 @@ import scipy.ndimage
 
 from ._backend import get_ndi, get_xp
 from ._label import check_structure, label
-from ._overlap import apply_overlap
+from ._overlap import apply_overlap, planar_footprint
 
 __all__ = ["binary_erosion", "binary_opening", "binary_closing", "convex_hull_slices", "fill_holes", "largest_component", "keep_labels", "IN_PLANE"]
 
@@ -33,8 +37,13 @@ def _morph_block(block: Any, op: str, structure: np.ndarray, iterations: int) ->
     return getattr(get_ndi(block), op)(block, structure=xp.asarray(structure), iterations=iterations)
 
 
+def _structure(structure: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Checked ``3**ndim`` element, cut to its middle plane along axes of length one."""
+    return planar_footprint(check_structure(structure, len(shape)), shape)
+
+
 def _morph(op: str, image: Any, structure: Any, iterations: int) -> Any:
-    structure = check_structure(structure, image.ndim)
+    structure = _structure(structure, image.shape)
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     depth = (2 * iterations,) * image.ndim  # erosion then dilation, each reaching `iterations`
@@ -44,7 +53,9 @@ def _morph(op: str, image: Any, structure: Any, iterations: int) -> Any:
 
 def binary_erosion(image: Any, structure: Any = None, iterations: int = 1) -> Any:
     """``scipy.ndimage.binary_erosion`` (border value 0), chunk-exact."""
-    structure = check_structure(structure, image.ndim)
+    structure = _structure(structure, image.shape)
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
     return apply_overlap(_morph_block, image.astype(bool), (iterations,) * image.ndim, dtype=bool,
                          op="binary_erosion", structure=structure, iterations=iterations)
 
@@ -81,9 +92,13 @@ def binary_closing(image: Any, structure: Any = None, iterations: int = 1) -> An
 
 
 def _touches_border(labels: Any, in_plane: bool) -> np.ndarray:
-    """Label values present on the volume's border (only the y/x border when ``in_plane``)."""
+    """Label values present on the volume's border (only the y/x border when ``in_plane``).
+
+    Ends of axes of length one are no border (unless no axis is longer): one slice has its
+    holes filled in 2-D."""
     faces = []
     axes = range(1, labels.ndim) if in_plane else range(labels.ndim)
+    axes = [ax for ax in axes if labels.shape[ax] > 1] or list(axes)
     for ax in axes:
         for end in (0, -1):
             index = [slice(None)] * labels.ndim

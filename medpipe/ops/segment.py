@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import dask
@@ -80,8 +81,9 @@ def histogram(image: Any, mask: Any = None, nbins: int = 256) -> tuple[np.ndarra
         counts = _host(counts.compute())
     else:
         xp = get_xp(values)
-        if values.size == 0:
-            raise ValueError("histogram of an empty selection")
+        if values.size == 0:  # an empty mask: no counts, as on Dask input
+            edges = np.linspace(0.0, 1.0, nbins + 1)
+            return np.zeros(nbins), (edges[:-1] + edges[1:]) / 2
         lo, hi = float(values.min()), float(values.max())
         hi = hi if hi > lo else lo + 1.0
         counts, edges = xp.histogram(values, bins=nbins, range=(lo, hi))
@@ -91,10 +93,20 @@ def histogram(image: Any, mask: Any = None, nbins: int = 256) -> tuple[np.ndarra
 
 
 def threshold_otsu(image: Any, mask: Any = None, nbins: int = 256) -> float:
-    """Otsu's threshold (``skimage.filters.threshold_otsu`` on the global histogram)."""
+    """Otsu's threshold (``skimage.filters.threshold_otsu`` on the global histogram).
+
+    A flat image (one occupied bin, e.g. a single voxel) gives that bin's centre, above its
+    value, so nothing is foreground; an empty selection gives NaN.
+
+    >>> threshold_otsu(np.zeros((1, 1, 1))) > 0
+    True
+    """
     from skimage.filters import threshold_otsu as _otsu
 
     counts, centers = histogram(image, mask, nbins)
+    occupied = np.flatnonzero(counts)
+    if occupied.size < 2:  # skimage's histogram path has no two classes to separate
+        return float(centers[occupied[0]]) if occupied.size else math.nan
     return float(_otsu(hist=(counts, centers)))
 
 
@@ -103,6 +115,8 @@ def threshold_multiotsu(image: Any, classes: int = 3, mask: Any = None, nbins: i
     from skimage.filters import threshold_multiotsu as _multi
 
     counts, centers = histogram(image, mask, nbins)
+    if np.count_nonzero(counts) < classes:  # too few distinct values (tiny or flat images)
+        return np.full(classes - 1, np.nan)
     return np.asarray(_multi(classes=classes, hist=(counts, centers)), dtype=np.float64)
 
 
@@ -111,6 +125,8 @@ def kmeans_intensity(image: Any, k: int = 3, mask: Any = None, nbins: int = 256,
     if k < 2:
         raise ValueError(f"k must be >= 2, got {k}")
     counts, centers = histogram(image, mask, nbins)
+    if counts.sum() == 0:  # empty mask: no centres
+        return np.full(k, np.nan)
     cdf = np.cumsum(counts) / counts.sum()
     means = np.interp((np.arange(k) + 0.5) / k, cdf, centers)
     for _ in range(iters):
