@@ -78,3 +78,87 @@ def test_single_slice_otsu(tmp_path):
     out = segment_study(study, "CR", Config())
     assert out["method"] == "otsu" and out["measurements"][0]["voxels"] == 32 * 20
     assert out["measurements"][0]["bbox"] == [[0, 16, 20], [1, 48, 40]]
+
+
+def mr_head(slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """A T1-like head (CSF dark, grey matter, white matter bright) and its truth labels."""
+    y, x = np.mgrid[:64, :64] - 31.5
+    r = np.hypot(y, x * 1.2)
+    truth = np.select([r < 12, r < 20, r < 26], [3, 2, 1], 0).astype(np.uint8)  # WM, GM, CSF
+    truth = np.repeat(truth[None], slices, axis=0)
+    levels = np.array([0.0, 300.0, 600.0, 900.0], np.float32)
+    noise = np.random.default_rng(slices).normal(0, 30, truth.shape)
+    return (levels[truth] + noise).clip(0).astype(np.uint16), truth
+
+
+def _study(tmp_path, name: str, image: np.ndarray, spacing=(2.5, 2.0, 2.0)):
+    study = tmp_path / name
+    study.mkdir()
+    omezarr.write_image(study / "image.zarr", image, spacing)  # default pyramid, as ingest writes
+    return study
+
+
+def _run_default(study, modality: str, image: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Both stages with ``Config()``; check filtered.zarr against SciPy and labels against measurements."""
+    cfg = Config()
+    filter_study(study, modality, cfg)
+    filtered = zarr.open_array(str(study / "filtered.zarr"), mode="r")[:]
+    a = image.astype(np.float32)
+    want = {"CT": lambda: ndi.median_filter(a, 3), "MR": lambda: ndi.gaussian_filter(a, 0.7)}.get(modality, lambda: a)()
+    np.testing.assert_allclose(filtered, want, rtol=1e-5, atol=1e-3)
+    out = segment_study(study, modality, cfg)
+    labels = omezarr.read_labels(study / "image.zarr").compute()
+    assert labels.shape == image.shape
+    assert set(np.unique(labels)) - {0} <= {int(k) for k in out["labels"]}
+    counts = np.bincount(labels.ravel(), minlength=256)
+    assert {m["label"]: m["voxels"] for m in out["measurements"]} == \
+        {v: int(c) for v, c in enumerate(counts) if v and c}
+    return out, labels
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+@pytest.mark.parametrize("slices", [1, 2, 3])
+def test_ct_of_few_slices(tmp_path, phantom, slices):
+    """The default CT pipeline (median 3 + ct_tissues) on 1-3 slices of the phantom's chest."""
+    z = phantom.hu.shape[0] // 2
+    image, truth = phantom.hu[z:z + slices], phantom.labels[z:z + slices]
+    out, labels = _run_default(_study(tmp_path, "ct", image), "CT", image)
+    for value in (1, 2, 3, 4):  # lung, fat, soft tissue, bone
+        assert dice(labels == value, truth == value) > 0.9, (value, out["warnings"])
+
+
+@pytest.mark.parametrize("slices", [1, 2, 3])
+def test_mr_of_few_slices(tmp_path, slices):
+    """The default MR pipeline (Gaussian 0.7, halo 3 > slices) + brain_tissues on 1-3 slices."""
+    image, truth = mr_head(slices)
+    out, labels = _run_default(_study(tmp_path, "mr", image), "MR", image)
+    for value in (1, 2, 3):
+        assert dice(labels == value, truth == value) > 0.9, (value, out["warnings"])
+
+
+@pytest.mark.parametrize("slices", [1, 2, 3])
+def test_other_modality_of_few_slices(tmp_path, slices):
+    """The default pipeline of other modalities (no filter + otsu)."""
+    image, truth = mr_head(slices)
+    out, labels = _run_default(_study(tmp_path, "ot", image), "OT", image)
+    assert dice(labels == 1, truth > 1) > 0.9
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "OT"])
+@pytest.mark.parametrize("cut", ["line_x", "line_z", "column_y", "slab_1px", "voxel"])
+def test_one_pixel_wide_images(tmp_path, phantom, modality, cut):
+    """Lines, a one-pixel-wide slab and a single voxel go through both stages of every
+    default pipeline (nothing to measure well there, but nothing fails)."""
+    source = phantom.hu if modality == "CT" else mr_head(phantom.hu.shape[0])[0]
+    z, y = source.shape[0] // 2, source.shape[1] // 2
+    image = {"line_x": source[z:z + 1, y:y + 1, :], "line_z": source[:, y:y + 1, y:y + 1],
+             "column_y": source[z:z + 1, :, y:y + 1], "slab_1px": source[:, y:y + 1, :],
+             "voxel": source[z:z + 1, y:y + 1, y:y + 1]}[cut]
+    image = np.ascontiguousarray(image)
+    out, labels = _run_default(_study(tmp_path, cut, image), modality, image)
+    if cut != "voxel":  # a line through the chest or head finds its largest tissue at least
+        assert {"CT": "soft_tissue", "MR": "white_matter", "OT": "foreground"}[modality] in \
+            {m["name"] for m in out["measurements"]}
