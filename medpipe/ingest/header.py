@@ -10,6 +10,7 @@ pydicom's behaviour (and its warnings and errors).
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any, BinaryIO, NamedTuple
 
@@ -410,8 +411,15 @@ def _convert(vr: str, value: bytes, encoding: str) -> Any:
 
 
 def _ds(text: str) -> float | str:
-    """pydicom's DSfloat: blank stays a string, else float (ValueError: decline)."""
-    return text if not text.strip() else float(text)
+    """pydicom's DSfloat: blank stays a string, else float (ValueError: decline). Non-finite
+    values (``1e400``, ``nan``) decline too: pydicom's DSfloat keeps the text, which the checks
+    then name as written."""
+    if not text.strip():
+        return text
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Decline
+    return value
 
 
 def _is(text: str) -> int | float | str:
