@@ -128,22 +128,30 @@ def _unit(values: Any) -> list[str]:
     """Row and column direction cosines scaled to unit length, as DS strings."""
     v = np.asarray([float(x) for x in values], float).reshape(2, 3)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
-    return [format_number_as_ds(float(x)) for x in v.ravel()]
+    return _ds(v.ravel())
 
 
-def normalise_orientation(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """``ds`` with every ImageOrientationPatient (top level and functional groups) of unit length.
+def _ds(values: Any) -> list[str]:
+    """Decimal strings of at most 16 characters (some writers emit ``2.6516699999999997``)."""
+    return [format_number_as_ds(float(x)) for x in values]
+
+
+def normalise_geometry(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` with unit direction cosines and valid DS positions, at the top level and in the
+    functional groups, the places highdicom copies them from into a SEG.
 
     Scanners write cosines rounded to a few digits (``0\\0.98796\\-0.151524``); highdicom copies them
     as they are and validators require unit vectors.
     """
-    if "ImageOrientationPatient" in ds:
-        ds.ImageOrientationPatient = _unit(ds.ImageOrientationPatient)
-    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        for group in ds.get(keyword) or []:
-            for item in group.get("PlaneOrientationSequence") or []:
-                if "ImageOrientationPatient" in item:
-                    item.ImageOrientationPatient = _unit(item.ImageOrientationPatient)
+    items = [ds] + [item for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+                    for group in ds.get(keyword) or []
+                    for seq in ("PlaneOrientationSequence", "PlanePositionSequence")
+                    for item in group.get(seq) or []]
+    for item in items:
+        if "ImageOrientationPatient" in item:
+            item.ImageOrientationPatient = _unit(item.ImageOrientationPatient)
+        if "ImagePositionPatient" in item:
+            item.ImagePositionPatient = _ds(item.ImagePositionPatient)
     return ds
 
 
@@ -358,15 +366,23 @@ def _is_negative(label: str, labels: list[str]) -> bool:
 def model_evaluation(model: dict[str, Any] | None) -> tuple[Any, Any, str]:
     """(finding, value, tracking text) of the model's study-level result.
 
-    The finding is the model's positive class (e.g. Lesion); the value is Present, Absent, or
-    Not applicable where no model ran, it was skipped, or it gave no study label.
+    The finding is the model's positive class (e.g. Lesion; Lesion where unknown); the value is
+    Present, Absent, or Not applicable where no model ran, it was skipped, or it gave no label.
+
+    >>> [c.meaning for c in model_evaluation(None)[:2]]
+    ['Lesion', 'Not applicable']
+    >>> model = {"labels": ["no_lesion", "lesion"], "outputs": {"study_label": "no_lesion"}, "name": "cnn"}
+    >>> model_evaluation(model)[1].meaning, model_evaluation(model)[2]
+    ('Absent', 'cnn: no_lesion')
     """
     labels = [str(x) for x in (model or {}).get("labels") or []]
     outputs = (model or {}).get("outputs") or {}
     label = outputs.get("study_label")
+    # The question medpipe's models answer is 'lesion?': the default where the model names none
+    # (DCM 'Finding' would read back as the group's finding type, not as an evaluation).
     positive = next((x for x in reversed(labels) if not _is_negative(x, labels)), None) or (
-        label if label is not None and not _is_negative(str(label), labels) else "finding")
-    finding = property_codes(positive)[1] if positive != "finding" else codes.DCM.Finding
+        label if label is not None and not _is_negative(str(label), labels) else "lesion")
+    finding = property_codes(positive)[1]
     name = (model or {}).get("name") or "model"
     if model is None or model.get("skipped") or label is None:
         why = "no model" if model is None else (f"skipped: {model['skipped']}" if model.get("skipped") else "no result")
@@ -428,11 +444,11 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
 
 def _prepare(sources: list[pydicom.Dataset], record: dict[str, Any], identity: bool) -> list[pydicom.Dataset]:
     """Copies of the source headers as SEG and SR may copy them: anonymous unless ``identity``,
-    type 2 attributes present, unit direction cosines, a de-identification method where needed."""
+    type 2 attributes present, unit direction cosines, valid positions, a de-identification method where needed."""
     out = []
     for ds in sources:
         ds = copy.deepcopy(ds) if identity else anonymize(ds, record["study_key"])
-        out.append(with_deid_method(normalise_orientation(with_type2(ds))))
+        out.append(with_deid_method(normalise_geometry(with_type2(ds))))
     return out
 
 
