@@ -16,10 +16,15 @@ True
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from ..config import IngestConfig
+from .header import PixelElement
+
+MAX_VOXELS: int = IngestConfig.model_fields["max_series_voxels"].default  # the default bound
 # A frame may hold at most this share of ingest.max_series_voxels: 62.5 M voxels at the default
 # (7900 x 7900), several times the largest mammogram or radiograph; it bounds a slab task's memory.
 FRAME_SHARE = 16
@@ -96,6 +101,25 @@ def pixel_claim_problem(rows: int, columns: int, frames: int, samples: int, bits
         return (f"header claims {claim} = {human_bytes(size)} of compressed pixel data in {human_bytes(nbytes)} "
                 f"(more than {MAX_RATIO}:1; a decoder would allocate the claim)")
     return None
+
+
+def header_claim_problem(ds: Mapping[str, Any], pixels: PixelElement, max_series_voxels: int) -> str | None:
+    """:func:`pixel_claim_problem` for a header (a pydicom Dataset, or the fast reader's dict)
+    and its :class:`~.header.PixelElement` facts; also the element's own problem (truncation)."""
+    if pixels.problem:
+        return pixels.problem
+    return pixel_claim_problem(
+        _count(ds.get("Rows"), 0), _count(ds.get("Columns"), 0), _count(ds.get("NumberOfFrames"), 1),
+        _count(ds.get("SamplesPerPixel"), 1), _count(ds.get("BitsAllocated"), 0),
+        str(ds.get("PhotometricInterpretation", "") or ""), pixels.nbytes, pixels.encapsulated, max_series_voxels)
+
+
+def _count(value: Any, default: int) -> int:
+    """An integer header value; ``default`` when absent, blank or not a number (as the scan reads them)."""
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
 
 
 def rescale_number(value: Any, default: float) -> tuple[float, str | None]:

@@ -56,11 +56,11 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from ..config import IngestConfig
 from ..errors import InputError, StudyError
 from ..omezarr import choose_chunks, create_image, create_levels, downsample, pyramid_factors, write_block
-from .checks import pixel_claim_problem
+from .checks import MAX_VOXELS, header_claim_problem
 from .deid import source_facts
 from .geometry import Frame, build_geometry, frames_from_columns, read_frames
 from .plan import StudyPlan
-from .scan import _pixels_read
+from .scan import pixels_in
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ _PIXEL_TAG = b"\xe0\x7f\x10\x00"
 # Slab tasks of about this many MiB: 16 MiB (32 CT slices) converted the ingest benchmark 5%
 # faster than one 4 MiB chunk layer a task, 15% faster when written into recycled memory.
 SLAB_MB = 16
-MAX_VOXELS = IngestConfig.model_fields["max_series_voxels"].default
 
 
 class _Opaque:
@@ -212,16 +211,12 @@ def _read_pixels(path: str, frame: Frame | None = None, max_series_voxels: int =
     claims, and the file may have changed since the scan (:class:`InputError` naming it)."""
     ds = pydicom.dcmread(path, force=True)
     _ensure_transfer_syntax(ds)
-    pixels = _pixels_read(ds)
-    if not pixels.present:
-        raise InputError(path, "no pixel data (the file changed since the scan)")
+    pixels = pixels_in(ds)
+    problem = header_claim_problem(ds, pixels, max_series_voxels) if pixels.present else "no pixel data"
+    if problem:
+        raise InputError(path, f"{problem} (the file changed since the scan)" if frame else problem)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     samples, n = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("NumberOfFrames", 1) or 1)
-    problem = pixel_claim_problem(rows, cols, n, samples, int(ds.get("BitsAllocated", 0) or 0),
-                                  str(ds.get("PhotometricInterpretation", "") or ""), pixels.nbytes,
-                                  pixels.encapsulated, max_series_voxels)
-    if problem:
-        raise InputError(path, problem)
     if frame is not None and ((rows, cols, samples) != (frame.rows, frame.columns, frame.samples)
                               or (frame.index or 0) >= n):
         raise InputError(path, f"header claims {rows} x {cols} x {n} x {samples} sample(s), the scan found "

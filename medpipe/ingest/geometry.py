@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 
 from ..errors import InputError, StudyError
-from .checks import pixel_claim_problem, rescale_number, rescale_problem
+from .checks import MAX_VOXELS, header_claim_problem, rescale_number, rescale_problem
 from .scan import pixel_element
 
 DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -104,8 +104,7 @@ def _float(value: Any, default: float | None) -> float | None:
         return default
 
 
-def read_frames(path: str, max_series_voxels: int = 10**9
-                ) -> tuple[list[Frame], list[tuple[int | None, str]]]:
+def read_frames(path: str, max_series_voxels: int = MAX_VOXELS) -> tuple[list[Frame], list[tuple[int | None, str]]]:
     """The frames of one file with their geometry and rescale (per frame for enhanced objects).
 
     The header's pixel claims are checked against its pixel data first (as the scan does: the
@@ -116,15 +115,13 @@ def read_frames(path: str, max_series_voxels: int = 10**9
     with open(path, "rb") as fp:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
         pixels = pixel_element(fp, os.fstat(fp.fileno()).st_size, ds)
+    problem = header_claim_problem(ds, pixels, max_series_voxels) if pixels.present else "no pixel data"
+    if problem:
+        raise InputError(path, problem)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     n = int(ds.get("NumberOfFrames", 1) or 1)
     bits = int(ds.get("BitsAllocated", 0) or 0)
-    problem = pixels.problem or pixel_claim_problem(
-        rows, cols, n, samples, bits, str(ds.get("PhotometricInterpretation", "") or ""), pixels.nbytes,
-        pixels.encapsulated, max_series_voxels)
-    if problem:
-        raise InputError(path, problem)
     stored_bits = int(ds.get("BitsStored", bits) or bits or 16)
     spacing = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -155,9 +152,9 @@ def read_frames(path: str, max_series_voxels: int = 10**9
         f_spacing = _floats(_group_value(ds, fg, "PixelMeasuresSequence", "PixelSpacing"), 2) or spacing
         thick = _float(_group_value(ds, fg, "PixelMeasuresSequence", "SliceThickness"),
                        _float(ds.get("SliceThickness"), None))
-        frames.append(Frame(path, i, rows, cols, samples,
-                            *rescale(i, slope if f_slope is None else f_slope, intercept if f_int is None else f_int),
-                            pos, ori or _floats(ds.get("ImageOrientationPatient"), 6), f_spacing,  # type: ignore[arg-type]
+        f_rescale = rescale(i, slope if f_slope is None else f_slope, intercept if f_int is None else f_int)
+        frames.append(Frame(path, i, rows, cols, samples, *f_rescale, pos,
+                            ori or _floats(ds.get("ImageOrientationPatient"), 6), f_spacing,  # type: ignore[arg-type]
                             thick, between, floats=pixels.floats))
     return frames, problems
 

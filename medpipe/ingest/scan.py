@@ -25,7 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from ..config import IngestConfig
 from ..keys import uid_key
-from .checks import pixel_claim_problem, rescale_problem
+from .checks import header_claim_problem, rescale_problem
 from .header import DEFLATED, PIXEL_TAGS, UNDEFINED, PixelElement, pixel_element_at, read_header
 
 log = logging.getLogger(__name__)
@@ -161,17 +161,17 @@ def pixel_element(fp: Any, size: int, ds: pydicom.Dataset) -> PixelElement:
     length fit in the file, its length and the offset of native little-endian PixelData).
     ``fp`` must stand just after the header (``dcmread(fp, stop_before_pixels=True)``)."""
     if any(t in ds for t in PIXEL_TAGS):  # read in full (e.g. small files without file meta)
-        return _pixels_read(ds)
+        return pixels_in(ds)
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("TransferSyntaxUID") == DEFLATED:
         # The file position is inside the inflated stream: read the (rare) deflated file whole.
-        return _pixels_read(pydicom.dcmread(fp.name, force=True))
+        return pixels_in(pydicom.dcmread(fp.name, force=True))
     pos = fp.tell()
     implicit, little = getattr(ds, "original_encoding", (False, True))
     return pixel_element_at(fp.read(12), pos, size, implicit, little)
 
 
-def _pixels_read(ds: pydicom.Dataset) -> PixelElement:
+def pixels_in(ds: pydicom.Dataset) -> PixelElement:
     """The facts of a pixel data element pydicom has read (its value in memory), if any."""
     tag = next((t for t in sorted(PIXEL_TAGS) if t in ds), None)
     if tag is None:
@@ -265,13 +265,10 @@ def _instance(spath: str, st: os.stat_result, ds: Mapping[str, Any], meta: Mappi
     rescale = (_float_or(ds.get("RescaleSlope"), 1.0), _float_or(ds.get("RescaleIntercept"), 0.0))
     value_warning = None
     if pixels.present:
-        bits = _int_or_none(ds.get("BitsAllocated")) or 0
-        problem = pixel_claim_problem(rows, cols, n_frames, samples, bits,
-                                      str(ds.get("PhotometricInterpretation", "") or ""), pixels.nbytes,
-                                      pixels.encapsulated, cfg.max_series_voxels)
+        problem = header_claim_problem(ds, pixels, cfg.max_series_voxels)
         if problem:
             return FileIssue(spath, problem, key)
-        value_warning = _rescale_problems(ds, bits)
+        value_warning = _rescale_problems(ds, _int_or_none(ds.get("BitsAllocated")) or 0)
         if value_warning and cfg.on_nonfinite == "refuse":
             return FileIssue(spath, f"{value_warning} (ingest.on_nonfinite=refuse)", key)
         if value_warning:
