@@ -1,9 +1,9 @@
 """Fixtures of the end-to-end flow tests: one real Prefect server, small archives, `medpipe serve`.
 
 The server is a real ``prefect server start`` on loopback (SQLite, with the UI), started once per
-test session by :func:`flows.server.prefect_server`. Every process of a test (this one, the
-``medpipe serve`` subprocess, the flow runs it starts, Dask workers) gets its ``PREFECT_API_URL``;
-nothing starts a temporary server of its own.
+test session by :func:`flows.server.prefect_server`, with basic auth as always. Every process of a
+test (this one, the ``medpipe serve`` subprocess, the flow runs it starts, Dask workers) gets its
+``PREFECT_API_URL`` and ``PREFECT_API_AUTH_STRING``; nothing starts a temporary server of its own.
 """
 
 from __future__ import annotations
@@ -28,25 +28,43 @@ BIN = Path(sys.executable).parent
 
 # --------------------------------------------------------------------------- the Prefect server
 @pytest.fixture(scope="session")
-def prefect_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """API URL of a `prefect server start` (loopback, SQLite, UI on) shared by the session."""
+def prefect_server_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PREFECT_HOME of the session's server (its generated ``auth-string`` lives there)."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture(scope="session")
+def prefect_auth(prefect_server_home: Path) -> str:
+    """The ``user:password`` string the session's server requires (made in its home, 0600)."""
+    from flows.server import auth_string
+
+    return auth_string(prefect_server_home)
+
+
+@pytest.fixture(scope="session")
+def prefect_server_url(prefect_server_home: Path, prefect_auth: str) -> Iterator[str]:
+    """API URL of a `prefect server start` (loopback, SQLite, UI on, basic auth) shared by the session."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
     from flows.server import _flush_logs, prefect_server
 
-    home = tmp_path_factory.mktemp("prefect-home")
-    with prefect_server(home, ui=True) as url:
+    with prefect_server(prefect_server_home, ui=True, auth=prefect_auth) as url:
         try:
             yield url
         finally:
-            _flush_logs()  # send this process's queued logs while the server still answers
+            # Send this process's queued logs while the server still answers (with the auth string).
+            with temporary_settings(updates={PREFECT_API_AUTH_STRING: prefect_auth}):
+                _flush_logs()
 
 
 @pytest.fixture
-def prefect_api(prefect_server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The session server's API URL, set for this process and every process it starts."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def prefect_api(prefect_server_url: str, prefect_auth: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The session server's API URL and auth string, set for this process and every process it starts."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_server_url)
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server_url}):
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", prefect_auth)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server_url, PREFECT_API_AUTH_STRING: prefect_auth}):
         yield prefect_server_url
 
 
@@ -166,7 +184,7 @@ def medpipe_serve(prefect_api: str, tmp_path: Path, stop_process_group) -> Calla
     @contextmanager
     def serve(archive: Path, out: Path, *args: str, name: str = "nightly") -> Iterator[Any]:
         env = {
-            **os.environ,
+            **os.environ,  # with PREFECT_API_AUTH_STRING (the prefect_api fixture)
             "PREFECT_API_URL": prefect_api,
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # default 10 s between looks for runs to start
             "PYTHONUNBUFFERED": "1",

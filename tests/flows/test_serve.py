@@ -8,8 +8,15 @@ the incremental nights: everything is new, nothing changed, one study changed, f
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import stat
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +25,8 @@ import pydicom
 import pytest
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 # Inference and the HTML/DICOM reports are not the point here (TF costs ~5 s a worker, the
 # reports ~4 s a study); report.json and run.json are what a run is checked by.
 FAST = {"model": {"enabled": False}, "report": {"html": False, "dicom_seg": False, "dicom_sr": False}}
@@ -34,6 +43,16 @@ def trigger(deployment: Any, timeout: float = 120.0, **parameters: Any) -> dict[
         f"flow run {flow_run.name} ended {flow_run.state!r} (timeout {timeout:.0f} s)")
     print(f"flow run {flow_run.name}: {time.perf_counter() - t0:.1f} s from trigger to completed")
     return {"id": flow_run.id, "name": flow_run.name, "parameters": flow_run.parameters}
+
+
+def trigger_refused(deployment: Any, timeout: float = 120.0, **parameters: Any) -> str:
+    """Start a run that must fail; return its state message."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(deployment.id, parameters=parameters, timeout=timeout, poll_interval=1,
+                              as_subflow=False)
+    assert flow_run.state is not None and flow_run.state.is_failed(), f"{flow_run.name}: {flow_run.state!r}"
+    return flow_run.state.message or ""
 
 
 def dashboard_links() -> dict[str, str]:
@@ -72,7 +91,8 @@ def test_serve_schedule_and_incremental_runs_through_the_api(medpipe_serve, smal
     keys = sorted(small_archive["studies"])
     nightly_out, out = tmp_path / "nightly-out", tmp_path / "custom-out"
 
-    with medpipe_serve(archive, nightly_out, "--timezone", "Europe/Berlin") as dep:
+    # Runs may write under tmp_path (the custom runs' folder); by default only under nightly_out.
+    with medpipe_serve(archive, nightly_out, "--timezone", "Europe/Berlin", "--allow-out-root", str(tmp_path)) as dep:
         # The nightly schedule (default 02:00) in the configured time zone, active.
         [schedule] = dep.schedules
         assert schedule.active
@@ -126,9 +146,71 @@ def test_serve_schedule_and_incremental_runs_through_the_api(medpipe_serve, smal
         assert not (out / ".work").exists() or not any((out / ".work").iterdir())
         assert not (out / ".medpipe.lock").exists()
 
+        # 5. An output folder outside the allowed roots is refused, even when the run's own
+        #    configuration claims to allow it: the serving process's bound holds.
+        outside = tmp_path.parent / f"{tmp_path.name}-outside"
+        refused = trigger_refused(dep, out=str(outside), config={"run": {"allowed_out_roots": ["/"]}})
+        assert f"{outside}: output folder outside the allowed roots" in refused, refused
+        assert not outside.exists()
+
     # Observability: each run's Dask dashboard is in run.json and linked from its flow run.
     links = dashboard_links()
     for run in (first, second, third, fourth):
         dashboard = run["dask"]["dashboard"]
         assert dashboard and dashboard.startswith("http://127.0.0.1:"), dashboard
         assert links.get(run["prefect"]["flow_run_id"]) == dashboard, (run["prefect"], links)
+
+
+def test_the_session_server_refuses_anonymous_calls(prefect_api, prefect_auth):
+    """The server `flows.server.prefect_server` starts (what `medpipe run` and `serve` use) needs auth."""
+    assert api_status(f"{prefect_api}/admin/version") == 401
+    assert api_status(f"{prefect_api}/admin/version", "medpipe:wrong") == 401
+    assert api_status(f"{prefect_api}/admin/version", prefect_auth) == 200
+    assert api_status(f"{prefect_api}/health") == 200  # probes stay open
+
+
+def test_serve_with_its_own_server_requires_auth(tmp_path, monkeypatch, stop_process_group):
+    """`medpipe serve` without PREFECT_API_URL: its server and UI need the string it keeps in its home."""
+    from flows.server import free_port
+
+    home, port = tmp_path / "prefect-home", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "MEDPIPE_ALLOWED_OUT_ROOTS"}
+    env.update(MEDPIPE_PREFECT_HOME=str(home), PYTHONUNBUFFERED="1")
+    log = tmp_path / "serve.log"
+    cmd = [str(BIN / "medpipe"), "serve", "--archive", str(tmp_path), "--out", str(tmp_path / "out"),
+           "--port", str(port), "--workers", "1"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Log in with" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        secret = home / "auth-string"
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and stat.S_IMODE(home.stat().st_mode) == 0o700
+        auth = secret.read_text().strip()
+        text = log.read_text()
+        assert f"Log in with the user:password string in {secret}" in text and auth not in text
+        api = f"http://127.0.0.1:{port}/api"
+        assert api_status(f"{api}/deployments/filter", method="POST") == 401
+        assert api_status(f"{api}/deployments/filter", auth, method="POST") == 200
+    finally:
+        stop_process_group(proc)
+    # The next start reuses the string (the operator's browser stays logged in).
+    from flows.server import auth_string
+
+    assert auth_string(home) == auth
+
+
+def api_status(url: str, auth: str | None = None, method: str = "GET") -> int:
+    """HTTP status of a call to ``url`` with basic ``auth`` (``user:password``) or none."""
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    data = b"{}" if method == "POST" else None
+    if data:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code

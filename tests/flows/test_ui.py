@@ -84,7 +84,18 @@ def open_run_link(page, run_name: str, timeout_s: float = 120.0) -> None:
     link.click()
 
 
-def test_custom_run_from_the_prefect_ui(prefect_api, medpipe_serve, small_archive, write_archive, tmp_path, page):
+def log_in(page: Any, ui: str, auth: str) -> None:
+    """Log in as a person would: the UI asks for the server's ``user:password`` string."""
+    page.goto(f"{ui}/deployments")
+    password = page.locator("input[type=password]")
+    password.fill(auth)
+    page.get_by_role("button", name="Login", exact=True).click()
+    expect_gone = sync_api.expect(password)
+    expect_gone.to_have_count(0)
+
+
+def test_custom_run_from_the_prefect_ui(prefect_api, prefect_auth, medpipe_serve, small_archive, write_archive,
+                                        tmp_path, page):
     expect = sync_api.expect
     ui = prefect_api.removesuffix("/api")
     other = write_archive(tmp_path / "archive-2", 1, seed=7)  # the archive of the custom run
@@ -94,8 +105,11 @@ def test_custom_run_from_the_prefect_ui(prefect_api, medpipe_serve, small_archiv
     out = tmp_path / "ui-out"
     run_name = f"ui-custom-{uuid.uuid4().hex[:6]}"
 
-    with medpipe_serve(small_archive["root"], tmp_path / "nightly-out", "--config", str(config)) as dep:
+    with medpipe_serve(small_archive["root"], tmp_path / "nightly-out", "--config", str(config),
+                       "--allow-out-root", str(tmp_path)) as dep:
         try:
+            # The server requires basic auth: the UI opens on its login form.
+            log_in(page, ui, prefect_auth)
             # Deployments -> nightly: the deployment with its nightly schedule.
             page.goto(f"{ui}/deployments")
             page.get_by_role("link", name="nightly", exact=True).first.click()
