@@ -245,3 +245,21 @@ def test_objects_say_why_not_made(study):
     assert {o["reason"] for o in saved["objects"]} == {"no source DICOM files"}
     html = (study.study_dir / "report.html").read_text()
     assert "DICOM objects" in html and "no source DICOM files" in html
+
+
+def test_ome_zarr_clients_read_the_image(made):
+    """The study's image.zarr of every kind of source: OME-Zarr 0.5 valid, and ome-zarr reads it."""
+    import zarr
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    kind, study_dir, _, report = made
+    path = study_dir / "image.zarr"
+    image = Image.from_zarr(zarr.open_group(str(path), mode="r"))
+    ImageLabel.from_zarr(zarr.open_group(str(path / "labels" / omezarr.LABELS_NAME), mode="r"))
+    assert list(image.labels.attributes.ome.labels) == [omezarr.LABELS_NAME]
+    nodes = list(Reader(parse_url(str(path)))())
+    assert nodes[0].data[0].shape == tuple(report["shape"]), kind
+    assert any(isinstance(s, Label) for n in nodes for s in n.specs), kind
