@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: setup demo test browser bench clean
+.PHONY: setup demo test system-packages browser bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,20 +18,32 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# Debian's Chromium for the browser tests (report rendering, Prefect UI). Without root or a
-# package registry those tests are skipped, not failed.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	      || echo "chromium could not be installed: browser tests will be skipped"; \
-	  else echo "no chromium (and no root apt-get): browser tests will be skipped"; fi; }
+# Debian packages the tests use, as command:package: Chromium (report rendering, Prefect UI),
+# dicom3tools (dciodvfy, the DICOM validator), dcmtk (reference DIMSE clients), dcm2niix. Run as
+# root with apt-get, each missing one is installed; one that cannot be is reported and the
+# tests that need it are skipped, not failed.
+SYSTEM_PACKAGES := chromium:chromium dciodvfy:dicom3tools dcmdump:dcmtk dcm2niix:dcm2niix
+
+system-packages:
+	@missing=""; for cp in $(SYSTEM_PACKAGES); do \
+	  command -v $${cp%%:*} >/dev/null 2>&1 || missing="$$missing $${cp#*:}"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq >/dev/null 2>&1 || true; \
+	  for p in $$missing; do \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$p >/dev/null 2>&1 || true; \
+	  done; \
+	fi; \
+	for cp in $(SYSTEM_PACKAGES); do command -v $${cp%%:*} >/dev/null 2>&1 || \
+	  echo "$${cp#*:} is not installed (apt-get needs root and a package registry): tests that use $${cp%%:*} will be skipped"; \
+	done
+
+browser: system-packages  # its former name
 
 demo: setup
 	test -d $(DEMO)/archive || $(BIN)/medpipe sample-archive $(DEMO)/archive
 	$(BIN)/medpipe run $(DEMO)/archive --out $(DEMO)/out
 
-test: setup browser
+test: setup system-packages
 	$(BIN)/python -m pytest -q
 
 bench: setup
