@@ -90,8 +90,12 @@ def write_source(kind: str, root: Path) -> Path:
 
 def process(kind: str, root: Path, cfg: Config | None = None) -> tuple[Path, list[str]]:
     """Run the library's stages on the study of ``kind``; return its folder and source files."""
-    cfg = cfg or Config()
     write_source(kind, root)
+    return run_library(kind, root, cfg or Config())
+
+
+def run_library(kind: str, root: Path, cfg: Config) -> tuple[Path, list[str]]:
+    """Scan, plan, ingest, filter, segment and report the one study under ``root/archive``."""
     (plan,) = [p for p in plan_studies(scan_archive(root / "archive", cfg.ingest), cfg.ingest) if p.files]
     study_dir = root / "out" / plan.study_key
     stages = {"plan": plan.to_dict(), "ingest": ingest_study(plan, study_dir, cfg.ingest),
@@ -263,3 +267,16 @@ def test_ome_zarr_clients_read_the_image(made):
     nodes = list(Reader(parse_url(str(path)))())
     assert nodes[0].data[0].shape == tuple(report["shape"]), kind
     assert any(isinstance(s, Label) for n in nodes for s in n.specs), kind
+
+
+def test_identity_kept_from_a_source_deidentified_elsewhere(tmp_path):
+    """With identity kept, a source marked PatientIdentityRemoved without a method still gives
+    SEG and SR that state one (type 1C), and nothing else changes."""
+    write_series(_phantom(4), SPACING, tmp_path / "archive" / "deid", modality="CT", patient_id="DEID-7",
+                 PatientIdentityRemoved="YES")
+    study_dir, _ = run_library("deid", tmp_path, Config.model_validate({"report": {"include_patient_identity": True}}))
+    for name in ("seg.dcm", "sr.dcm"):
+        ds = pydicom.dcmread(study_dir / name)
+        assert ds.PatientID == "DEID-7" and ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod
+        if DCIODVFY:
+            assert dciodvfy_errors(study_dir / name) == [], name
