@@ -443,8 +443,11 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
 
 
 def _prepare(sources: list[pydicom.Dataset], record: dict[str, Any], identity: bool) -> list[pydicom.Dataset]:
-    """Copies of the source headers as SEG and SR may copy them: anonymous unless ``identity``,
-    type 2 attributes present, unit direction cosines, valid positions, a de-identification method where needed."""
+    """Copies of the source headers fit for highdicom to copy into SEG and SR.
+
+    Anonymous unless ``identity``; type 2 attributes present; unit direction cosines and valid
+    positions; a de-identification method wherever identity is marked removed.
+    """
     out = []
     for ds in sources:
         ds = copy.deepcopy(ds) if identity else anonymize(ds, record["study_key"])
@@ -474,6 +477,17 @@ def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
                         source_files: list[str] | None) -> tuple[list[dict[str, Any]], list[str]]:
     """Write ``seg.dcm`` and ``sr.dcm`` as configured.
 
+    Parameters
+    ----------
+    study_dir : Path
+        The study folder (``image.zarr`` with ``labels/`` inside); the objects are written here.
+    record : dict
+        The study's report record (status, segmentation, measurements, model result).
+    cfg : Config
+        ``cfg.report``: which objects, and whether they carry patient identity.
+    source_files : list of str or None
+        The DICOM files of the series used.
+
     Returns
     -------
     objects : list of dict
@@ -485,7 +499,8 @@ def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
     rc = cfg.report
     study_dir = Path(study_dir)
     source_files = list(source_files or [])
-    sources = _read_sources(source_files) if record.get("status") == "ok" else []
+    wanted = record.get("status") == "ok" and (rc.dicom_seg or rc.dicom_sr)
+    sources = _read_sources(source_files) if wanted else []
     ordered = _prepare(sources, record, rc.include_patient_identity)
     problems: list[str] = []
 
