@@ -1,9 +1,14 @@
 """Hostile DICOM files, written with pydicom into a folder, for ingest and fault tests.
 
-Plain functions (no pytest fixtures) so that any suite can import them (``sys.path`` must hold
-``tests/ingest``, as pytest's rootdir-relative imports do for this folder). Each writes its
-files under ``folder`` (created), in a study of its own unless a ``study_uid`` is given, and
-returns what it wrote, so that a test can assert that exactly those files are named.
+Plain functions (no pytest fixtures) so that any suite can import them: pytest puts
+``tests/ingest`` on ``sys.path`` only for tests in this folder, so another suite adds it first::
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "ingest"))
+    import hostile_files
+
+Each writes its files under ``folder`` (created), in a study of its own unless a ``study_uid``
+is given, and returns what it wrote, so that a test can assert that exactly those files are
+named. :func:`hostile_archive` writes one of each beside a good study.
 
 >>> import tempfile, pathlib
 >>> bomb = huge_dimensions(pathlib.Path(tempfile.mkdtemp()))
@@ -211,3 +216,32 @@ def link_loop(folder: Path) -> Path:
     link = folder / "loop.dcm"
     link.symlink_to(link.name)
     return link
+
+
+def hostile_archive(folder: Path, good_study_uid: str = "1.2.826.0.1.3680043.99.100") -> dict[str, list[str]]:
+    """One of each hostile file under ``folder``, beside a good 6-slice CT study.
+
+    Returns the paths by kind: ``good`` (the good study's files, all of which must be converted),
+    and for each hostile kind the file(s) that must be named (with the default configuration:
+    ``on_nonfinite=refuse``, ``on_duplicate_conflict=refuse``). ``too_long_path`` is the file
+    the walk cannot reach; the issue names its deepest listable folder, a prefix of it.
+    """
+    folder = Path(folder)
+    good = series(folder / "good", good_study_uid)
+    _, nan_slope = bad_rescale(folder / "nan_slope", "nan", study_uid="1.2.826.0.1.3680043.99.101")
+    _, abc_slope = bad_rescale(folder / "abc_slope", "abc", study_uid="1.2.826.0.1.3680043.99.102")
+    _, inf_slope = bad_rescale(folder / "inf_slope", "1e400", study_uid="1.2.826.0.1.3680043.99.103")
+    _, neg_intercept = bad_rescale(folder / "neginf_intercept", "-inf", keyword="RescaleIntercept",
+                                   study_uid="1.2.826.0.1.3680043.99.104")
+    _, original, impostor = conflicting_duplicate(folder / "duplicate")
+    return {
+        "good": [str(p) for p in good],
+        "huge_dimensions": [str(huge_dimensions(folder / "bomb"))],
+        "compressed_huge": [str(compressed_huge(folder / "zbomb"))],
+        "nan_slope": [str(nan_slope)],
+        "abc_slope": [str(abc_slope)],
+        "inf_slope": [str(inf_slope)],
+        "neginf_intercept": [str(neg_intercept)],
+        "conflicting_duplicate": [str(original), str(impostor)],
+        "too_long_path": [too_long_path(folder / "long")],
+    }

@@ -262,6 +262,7 @@ def test_series_over_the_voxel_cap_skipped_with_reason(tmp_path):
     assert plans[0].skip_reason == "no usable series: 2,400 voxels, more than ingest.max_series_voxels=2,000"
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # pydicom's, about the values written on purpose
 def test_unparseable_header_values_are_issues_not_crashes(tmp_path, monkeypatch):
     files = hostile.series(tmp_path, GOOD)
     ds = pydicom.dcmread(files[1])
@@ -289,3 +290,15 @@ def test_pixel_claims_arithmetic():
     assert pixel_claim_problem(512, 512, 1, 1, 16, "MONOCHROME2", 10, True, cap) is None
     assert pixel_claim_problem(512, 512, 3000, 1, 16, "MONOCHROME2", 400 * 2**20, True, cap) is None
     assert "1000:1" in pixel_claim_problem(512, 512, 3000, 1, 16, "MONOCHROME2", 2**20, True, cap)
+
+
+def test_hostile_archive_every_file_named_good_study_whole(tmp_path):
+    made = hostile.hostile_archive(tmp_path / "arch")
+    plans, results, scanned = run_ingest(tmp_path / "arch", tmp_path / "out")
+    named = set(_reasons(scanned.issues)) | {i["path"] for p in plans for i in p.issues}
+    for kind, paths in made.items():
+        if kind == "good":
+            continue
+        for path in paths:
+            assert path in named or kind == "too_long_path" and any(path.startswith(n + "/") for n in named), kind
+    assert results[study_key("1.2.826.0.1.3680043.99.100")]["shape"] == [6, 10, 12]
