@@ -30,7 +30,7 @@ MEDPIPE_CLI = {
     "sample-archive": set(),
     "train": set(),
     "evaluate": {"--labels"},
-    "serve": {"--archive", "--out", "--cron", "--timezone", "--config", "--name"},
+    "serve": {"--archive", "--out", "--cron", "--timezone", "--config", "--name", "--port", "--allow-out-root"},
     "report-schema": set(),
 }
 

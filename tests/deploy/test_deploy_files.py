@@ -384,7 +384,7 @@ def test_compose_services(compose):
     url = server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert url.startswith("postgresql+asyncpg://") and "@postgres:5432/" in url
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert "4200:4200" in server["ports"]
+    assert "127.0.0.1:4200:4200" in server["ports"]
 
     assert as_argv(services["scheduler"]["entrypoint"]) == ["dask", "scheduler"]
     assert "8786" in as_argv(services["scheduler"]["command"])
@@ -448,17 +448,37 @@ def test_compose_services_reach_each_other(compose):
         assert port in argv, f"{host} does not listen on {port}"
 
 
-def test_compose_auth_override(compose):
-    auth = load_yaml(DEPLOY / "compose.auth.yaml")
-    assert "PREFECT_SERVER_API_AUTH_STRING" in auth["services"]["prefect-server"]["environment"]
+AUTH_VAR = "${PREFECT_AUTH_STRING:?"
+
+
+def test_compose_auth_is_always_on(compose):
+    """The server requires basic auth, and every Prefect client of the stack sends it (no opt-in file)."""
+    assert not (DEPLOY / "compose.auth.yaml").exists()
+    services = compose["services"]
+    assert services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"].startswith(AUTH_VAR)
     clients = {
-        name for name, s in compose["services"].items()
+        name for name, s in services.items()
         if isinstance(s.get("environment"), dict) and "PREFECT_API_URL" in s["environment"]
     }
-    assert clients
+    assert {"prefect-worker", "deploy", "medpipe", "gpu-worker-0", "cpu-worker"} <= clients
     for name in clients:
-        assert "PREFECT_API_AUTH_STRING" in auth["services"][name]["environment"], name
-    assert set(auth["services"]) <= set(compose["services"])
+        env = services[name]["environment"]
+        assert env["PREFECT_API_AUTH_STRING"].startswith(AUTH_VAR), name
+        # Runs write only under the mounted output folder, whatever their `out` parameter says.
+        assert env["MEDPIPE_ALLOWED_OUT_ROOTS"] == "/data/out", name
+
+
+def test_compose_publishes_nothing_beyond_loopback(compose):
+    """No port on the host's other interfaces; the Dask scheduler (no authentication) on none at all."""
+    published = {}
+    for name, service in compose["services"].items():
+        assert service.get("network_mode") != "host", name
+        for port in service.get("ports", []):
+            port = str(port)
+            host_ip, host_port, _container = port.split(":")
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond the loopback interface"
+            published[host_port] = name
+    assert published == {"4200": "prefect-server", "8787": "scheduler"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,7 +557,10 @@ def test_k8s_references_resolve(k8s_docs):
             for mount in container.get("volumeMounts", []):
                 assert mount["name"] in mounted
             for source in container.get("envFrom", []):
-                assert source["configMapRef"]["name"] in configmaps
+                if "secretRef" in source:
+                    assert source["secretRef"]["name"] in secrets
+                else:
+                    assert source["configMapRef"]["name"] in configmaps
             for env in container.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
@@ -548,6 +571,41 @@ def test_k8s_references_resolve(k8s_docs):
         [c] = _containers(_by_kind(k8s_docs, "Deployment")[name])
         assert {"configMapRef": {"name": "medpipe-env"}} in c["envFrom"], name
         assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/data/archive", "/data/out"}, name
+
+
+def test_k8s_auth_is_always_on(k8s_docs):
+    """The server takes its auth string from the Secret prefect-auth; every Prefect client gets it too."""
+    kustomization = load_yaml(DEPLOY / "k8s" / "kustomization.yaml")
+    [generated] = [s for s in kustomization["secretGenerator"] if s["name"] == "prefect-auth"]
+    assert any(lit.startswith("PREFECT_API_AUTH_STRING=") for lit in generated["literals"])
+    deployments = _by_kind(k8s_docs, "Deployment")
+    [server] = _containers(deployments["prefect-server"])
+    env = {e["name"]: e for e in server["env"]}
+    ref = env["PREFECT_SERVER_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "prefect-auth", "key": "PREFECT_API_AUTH_STRING"}
+    clients = [("Deployment", "gpu-worker"), ("Deployment", "prefect-worker"), ("Job", "deploy-nightly")]
+    for kind, name in clients:
+        [c] = _containers(_by_kind(k8s_docs, kind)[name])
+        assert {"secretRef": {"name": "prefect-auth"}} in c["envFrom"], name
+    env = _by_kind(k8s_docs, "ConfigMap")["medpipe-env"]["data"]
+    assert env["MEDPIPE_ALLOWED_OUT_ROOTS"] == "/data/out"
+
+
+def test_k8s_internal_only(k8s_docs):
+    """Services stay inside the cluster, no pod takes a host port, and a policy admits only the namespace."""
+    for name, svc in _by_kind(k8s_docs, "Service").items():
+        assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", name
+    assert not _by_kind(k8s_docs, "Ingress")
+    for doc in k8s_docs:
+        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        assert not pod.get("hostNetwork"), doc["metadata"]["name"]
+        for container in _containers(doc):
+            assert all("hostPort" not in p for p in container.get("ports", [])), doc["metadata"]["name"]
+    [policy] = _by_kind(k8s_docs, "NetworkPolicy").values()
+    [selector] = policy["spec"]["podSelector"]["matchExpressions"]
+    assert {"prefect-server", "scheduler", "postgres"} <= set(selector["values"])
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]
 
 
 def test_k8s_work_pool_template(k8s_docs):
@@ -567,12 +625,18 @@ def test_k8s_work_pool_template(k8s_docs):
 # docs and paths
 
 
+# Files the docs tell the operator to create (secrets: never in the repository).
+MADE_BY_THE_OPERATOR = {"deploy/.env"}
+
+
 def test_paths_named_in_deploy_files_and_docs_exist():
     pattern = re.compile(r"(?<![\w/.-])((?:deploy|docs|flows|tasks|medpipe)/[\w./-]*\w)")
     for path in [DOCS, *sorted(p for p in DEPLOY.rglob("*") if p.is_file())]:
         for ref in pattern.findall(path.read_text()):
             if ref.startswith("deploy/k8s/") or ref.startswith("deploy/") or "." in ref.rsplit("/", 1)[-1]:
                 target = ref.split(":", 1)[0]
+                if target in MADE_BY_THE_OPERATOR:
+                    continue
                 assert (ROOT / target).exists(), f"{path.relative_to(ROOT)} names {ref}, which does not exist"
 
 
@@ -582,6 +646,8 @@ def test_docs_cover_the_topics():
         "medpipe serve", "deploy/compose.yaml", "dask scheduler", "dask cuda worker", "kubectl apply -k deploy/k8s",
         "PREFECT_API_URL", "GPU=1", "PostgreSQL", "database is locked", "PREFECT_SERVER_API_AUTH_STRING",
         "Custom run", "run.json", "medpipe-process", "medpipe-docker", "medpipe-k8s",
+        "PREFECT_API_AUTH_STRING", "PREFECT_AUTH_STRING", "127.0.0.1:4200", "auth-string",
+        "MEDPIPE_ALLOWED_OUT_ROOTS", "--allow-out-root", "NetworkPolicy",
     ):
         assert needle in text, needle
 
