@@ -110,7 +110,7 @@ def _dedupe(instances: list[Instance], key: str, cfg: IngestConfig
     issues: list[FileIssue] = []
     n_same = 0
     for group in by_uid.values():
-        if len(group) > 1 and len({pixel_digest(i) for i in group}) > 1:
+        if len(group) > 1 and len({pixel_digest(i, cfg.max_series_voxels) for i in group}) > 1:
             _conflict(group, key, cfg, kept, warnings, issues)
             continue
         kept.append(group[0])

@@ -25,7 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from ..config import IngestConfig
 from ..keys import uid_key
-from .checks import header_claim_problem, rescale_problem
+from .checks import MAX_VOXELS, header_claim_problem, rescale_problem
 from .header import DEFLATED, PIXEL_TAGS, UNDEFINED, PixelElement, pixel_element_at, read_header
 
 log = logging.getLogger(__name__)
@@ -315,10 +315,11 @@ def _rescale_problems(ds: Mapping[str, Any], bits: int) -> str | None:
     return "; ".join(p for p in problems if p) or None
 
 
-def pixel_digest(inst: Instance) -> str:
+def pixel_digest(inst: Instance, max_series_voxels: int = MAX_VOXELS) -> str:
     """A hash of what makes the instance's physical voxels: its shape, rescale and stored pixel
     values, to tell identical duplicates from conflicting ones. Reads the pixel data (within the
-    bounds the scan checked); a file that cannot be read gets a digest of its own (never equal).
+    bounds the scan checked, and checked again before decoding: the file may have changed); a
+    file that cannot be read gets a digest of its own (never equal to another).
     """
     h = hashlib.sha256(repr((inst.rows, inst.columns, inst.n_frames, inst.samples_per_pixel,
                              inst.rescale)).encode())
@@ -330,6 +331,9 @@ def pixel_digest(inst: Instance) -> str:
                 h.update(fp.read(inst.rows * inst.columns * bits // 8))
         else:
             ds = pydicom.dcmread(inst.path, force=True)
+            problem = header_claim_problem(ds, pixels_in(ds), max_series_voxels)
+            if problem:
+                raise ValueError(problem)
             try:  # decoded, so that copies in different transfer syntaxes compare equal
                 h.update(np.ascontiguousarray(ds.pixel_array).tobytes())
             except Exception:  # no decoder here: compare the encoded bytes

@@ -302,3 +302,15 @@ def test_hostile_archive_every_file_named_good_study_whole(tmp_path):
         for path in paths:
             assert path in named or kind == "too_long_path" and any(path.startswith(n + "/") for n in named), kind
     assert results[study_key("1.2.826.0.1.3680043.99.100")]["shape"] == [6, 10, 12]
+
+
+def test_same_pixels_in_another_transfer_syntax_are_not_a_conflict(tmp_path):
+    from pydicom.uid import RLELossless
+
+    files, copy = hostile.identical_duplicate(tmp_path / "arch")
+    ds = pydicom.dcmread(copy)
+    ds.compress(RLELossless, generate_instance_uid=False)
+    ds.save_as(copy)
+    plans, results, _ = run_ingest(tmp_path / "arch", tmp_path / "out")
+    (res,) = results.values()
+    assert res["issues"] == [] and res["warnings"] == ["dropped 1 duplicate instance(s) with the same SOPInstanceUID"]
