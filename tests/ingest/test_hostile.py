@@ -314,3 +314,10 @@ def test_same_pixels_in_another_transfer_syntax_are_not_a_conflict(tmp_path):
     plans, results, _ = run_ingest(tmp_path / "arch", tmp_path / "out")
     (res,) = results.values()
     assert res["issues"] == [] and res["warnings"] == ["dropped 1 duplicate instance(s) with the same SOPInstanceUID"]
+
+
+def test_vanished_file_is_named(tmp_path):
+    from medpipe.ingest import read_instance
+
+    issue = read_instance(tmp_path / "gone.dcm")
+    assert (issue.path, issue.reason) == (str(tmp_path / "gone.dcm"), "cannot stat file: No such file or directory")
