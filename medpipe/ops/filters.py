@@ -86,8 +86,10 @@ def _gaussian_block(block: Any, sigma: Any, order: Any, mode: str, cval: float, 
     return current if owned else current.copy()  # every sigma zero: a copy, as scipy returns
 
 
-def _median_block(block: Any, **kw: Any) -> Any:
-    return get_ndi(block).median_filter(block, **kw)
+def _median_block(block: Any, footprint: Any = None, **kw: Any) -> Any:
+    if footprint is not None:  # cupyx wants the footprint on the device
+        footprint = get_xp(block).asarray(footprint)
+    return get_ndi(block).median_filter(block, footprint=footprint, **kw)
 
 
 def _uniform_block(block: Any, **kw: Any) -> Any:

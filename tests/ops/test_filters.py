@@ -127,6 +127,19 @@ def test_single_slice_is_2d(mode):
     np.testing.assert_allclose(unsharp, a + (a - ndi.gaussian_filter(a.reshape(-1), 1.0).reshape(a.shape)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", THIN, ids=lambda s: "x".join(map(str, s)))
+def test_thin_resample_and_pointwise(shape):
+    a = np.random.default_rng(7).random(shape, dtype=np.float32)
+    d = da.from_array(a, chunks=(1, 5, 4))
+    ref = ops.resample(a, (2.0, 1.0, 1.0), (1.0, 1.5, 1.5))
+    assert ref.shape == tuple(max(1, round(n * f)) for n, f in zip(shape, (2, 2 / 3, 2 / 3)))
+    np.testing.assert_allclose(ops.resample(d, (2.0, 1.0, 1.0), (1.0, 1.5, 1.5)).compute(), ref, rtol=1e-6)
+    np.testing.assert_allclose(ops.window(d, 0.2, 0.8).compute(), ops.window(a, 0.2, 0.8))
+    for method in ("zscore", "minmax"):
+        np.testing.assert_allclose(ops.normalize(d, method).compute(), ops.normalize(a, method), rtol=1e-5, atol=1e-6)
+    assert np.isfinite(ops.normalize(d, "percentile").compute()).all()  # Dask's percentiles are approximate
+
+
 def test_halo_is_clamped_to_one_block_axes():
     """A Gaussian of depth 8 on 1-3 slices in several chunks: one block along z, no halo."""
     a = np.random.default_rng(6).random((3, 40, 30), dtype=np.float32)
