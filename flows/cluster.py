@@ -1,28 +1,26 @@
 """Which Dask cluster a run uses: a local one of worker processes, one per GPU, or an existing one.
 
-Worker processes of a local cluster must not outlive the run: distributed's worker process
-waits on its nanny's stop queue, and a SIGKILLed parent never sends the stop (the worker keeps
-its own end of that pipe open, so it never sees EOF either). This module is therefore also a
-worker preload (``dask_setup``): a daemon thread in each worker process ends the worker, and
-any process it started, as soon as its parent process is gone.
+Worker processes of a local cluster end with the run, even a SIGKILLed one, without help from
+us: distributed starts each worker with a pipe whose other end only the parent holds, and a
+thread in the worker exits the process at once when that pipe closes
+(``distributed/process.py``, ``AsyncProcess._immediate_exit_when_closed``; about 0.1 s after
+the parent dies, checked by ``tests/faults/test_orphans.py``). So stages must not start
+processes of their own inside a worker: that exit would orphan them.
+
+The process that runs the flow is tied the same way to a ``medpipe serve`` that started it
+(:func:`flows.server.exit_with_parent`, armed here because every run asks for its cluster first).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-import time
 from typing import Any
 
 from prefect_dask import DaskTaskRunner
 
 from medpipe.config import ClusterConfig
 
-log = logging.getLogger("medpipe")
-
-PRELOAD = __name__  # this module's dask_setup runs in every local worker process
-PARENT_POLL_S = 0.5
+from .server import exit_with_parent
 
 
 def cluster_kind(cfg: ClusterConfig) -> str:
@@ -38,6 +36,7 @@ def task_runner(cfg: ClusterConfig) -> DaskTaskRunner:
       of each card for CuPy, and a ``GPU=1`` resource per worker so that GPU stages never share a card.
     - ``address``: an existing scheduler (``dask scheduler`` + ``dask worker``/``dask cuda worker``).
     """
+    exit_with_parent()  # a run served by `medpipe serve` ends with it, and so does its cluster
     kind = cluster_kind(cfg)
     if kind == "address":
         if not cfg.address:
@@ -46,7 +45,6 @@ def task_runner(cfg: ClusterConfig) -> DaskTaskRunner:
     # Worker processes inherit the environment: keep TF quiet and each worker to its own cores.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     common: dict[str, Any] = {
-        "preload": [PRELOAD],
         "threads_per_worker": cfg.threads_per_worker,
         "dashboard_address": "127.0.0.1:0" if cfg.dashboard else None,
     }
@@ -66,40 +64,3 @@ def task_runner(cfg: ClusterConfig) -> DaskTaskRunner:
 def gpu_annotations(cfg: ClusterConfig) -> dict[str, Any]:
     """Dask annotations for stages that use a GPU (only where workers declare the resource)."""
     return {"resources": {"GPU": 1}} if cluster_kind(cfg) == "cuda" else {}
-
-
-# --------------------------------------------------------------------------- worker preload
-def dask_setup(worker: Any) -> None:
-    """Worker preload: end this worker process when the process that started it dies."""
-    parent = os.getppid()
-    thread = threading.Thread(target=_watch_parent, args=(parent,), name="medpipe parent watch",
-                              daemon=True)
-    thread.start()
-
-
-def _watch_parent(parent: int, poll_s: float = PARENT_POLL_S) -> None:
-    """Poll the parent pid; once this process is re-parented (the parent died), exit at once.
-
-    A polling thread rather than ``PR_SET_PDEATHSIG``: the nanny starts worker processes from a
-    helper thread, and the death signal would fire when that *thread* ends.
-    """
-    while os.getppid() == parent:
-        time.sleep(poll_s)
-    log.warning("worker process %d: parent process %d is gone, exiting", os.getpid(), parent)
-    _kill_children()
-    os._exit(1)  # nothing to hand back to: the scheduler lived in the dead parent
-
-
-def _kill_children() -> None:
-    """SIGKILL the processes this worker started (e.g. a process pool), so they are not orphaned in turn."""
-    import psutil
-
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
-    for child in children:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass

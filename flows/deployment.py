@@ -23,6 +23,7 @@ from medpipe.access import ENV_ROOTS, roots_env_value
 from medpipe.config import Config
 
 from .archive import process_archive
+from .server import EXIT_WITH_PARENT
 
 
 def deployment_parameters(archive: str | Path, out: str | Path, cfg: Config,
@@ -66,6 +67,8 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
     params = deployment_parameters(args.archive, args.out, cfg, args.config)
     sched = schedule(cfg, args.cron, args.timezone)
     roots = confine_outputs(out_roots(args.out, getattr(args, "allow_out_root", None), cfg))
+    # The flow-run processes the runner starts end with this process, even a SIGKILLed one.
+    os.environ[EXIT_WITH_PARENT] = str(os.getpid())
     print(f"Runs may write only under: {roots.replace(os.pathsep, ', ')}", flush=True)
     # One run at a time: a custom run started during the night's run (or the other way round)
     # waits for a slot instead of failing on the output folder's lock.

@@ -41,6 +41,8 @@ log = logging.getLogger("medpipe")
 
 AUTH_FILE = "auth-string"
 AUTH_USER = "medpipe"
+EXIT_WITH_PARENT = "MEDPIPE_EXIT_WITH_PARENT"
+_WATCH_THREAD = "medpipe parent watch"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -150,6 +152,30 @@ def _start(cmd: list[str], env: dict[str, str], out) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
 
 
+def exit_with_parent(poll_s: float = 0.5) -> bool:
+    """Exit this process when its parent dies, if the parent asked for it.
+
+    A parent sets ``MEDPIPE_EXIT_WITH_PARENT`` to its own pid (``medpipe serve`` does, for the
+    flow-run processes its runner starts); only its direct children honour it, so grandchildren
+    (Dask workers) that inherit the variable ignore it. A watcher thread polls the parent pid:
+    once this process is re-parented, the parent is gone and so is the server it reported to.
+    Returns whether the watch is on.
+    """
+    wanted = os.environ.get(EXIT_WITH_PARENT, "")
+    parent = os.getppid()
+    if wanted != str(parent) or any(t.name == _WATCH_THREAD for t in threading.enumerate()):
+        return False
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.warning("process %d: parent %d is gone, exiting", os.getpid(), parent)
+        os._exit(1)  # no one left to report to; Dask workers follow through their parent pipe
+
+    threading.Thread(target=watch, name=_WATCH_THREAD, daemon=True).start()
+    return True
+
+
 @contextmanager
 def prefect_server(home: Path | None = None, *, ui: bool = False, port: int | None = None,
                    log_file: Path | None = None, auth: str | None = None) -> Iterator[str]:
@@ -243,8 +269,7 @@ def prefect_api(home: Path | None = None, *, ui: bool = False) -> Iterator[str]:
     try:
         auth = auth_string(home)
         with prefect_server(home, ui=ui, auth=auth) as url, client_auth(url, auth):
-            if not own_home:
-                log.info("Prefect API %s: log in with the string in %s", url, auth_string_file(home))
+            log.info("Prefect API %s: its auth string is in %s", url, auth_string_file(home))
             try:
                 yield url
             finally:
