@@ -30,6 +30,7 @@ from medpipe.config import Config, deep_merge
 from medpipe.outputs import (
     STATUSES,
     OutputLayout,
+    OutputLockedError,
     clean_work,
     input_fingerprint,
     new_run_id,
@@ -90,8 +91,20 @@ def process_archive(
     from medpipe.access import check_out_folder  # refuse outputs outside the allowed roots
     check_out_folder(out, cfg.run.allowed_out_roots)
     pipeline = run_pipeline.with_options(task_runner=task_runner(cfg.cluster))
-    return pipeline(archive=str(Path(archive).resolve()), out=str(Path(out).resolve()),
-                    config=cfg.model_dump(mode="json"))
+    try:
+        return pipeline(archive=str(Path(archive).resolve()), out=str(Path(out).resolve()),
+                        config=cfg.model_dump(mode="json"))
+    finally:
+        _sweep_work(Path(out).resolve())
+
+
+def _sweep_work(out: Path) -> None:
+    """Remove staging that a task still running when the run ended wrote before the cluster closed."""
+    try:
+        with run_lock(out):
+            clean_work(out)
+    except (OutputLockedError, OSError):  # another run has started: its own start cleans up
+        pass
 
 
 @flow(name="medpipe-pipeline")
@@ -149,7 +162,7 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
             run["status"], run["error"] = "interrupted", "stopped at once by a second signal"
             raise
         finally:
-            close_gate(gate)  # nothing of this run is published after this point
+            close_gate(gate, remove=True)  # nothing of this run is published after this point
             run["finished"] = now_iso()
             run["seconds"] = round(time.perf_counter() - t0, 2)
             run["studies"].sort(key=lambda e: e["study_key"])

@@ -141,8 +141,12 @@ def clean_work(out: Path, keep_run: str | None = None) -> None:
     layout = OutputLayout(Path(out))
     if layout.work.is_dir():
         for entry in layout.work.iterdir():
-            if entry.name != keep_run:
+            if entry.name.split(".")[0] == keep_run:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
+            else:  # a run's publishing lock and mark (medpipe.publish)
+                entry.unlink(missing_ok=True)
     if layout.studies.is_dir():
         for entry in layout.studies.glob(".*.old-*"):
             study = layout.studies / entry.name[1:].rsplit(".old-", 1)[0]

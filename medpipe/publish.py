@@ -86,15 +86,33 @@ def _check_file(path: Path, kind: str) -> str | None:
         if path.suffix == ".json":
             json.loads(path.read_text())
         elif path.suffix == ".dcm":
-            import pydicom
-
-            ds = pydicom.dcmread(path)
-            if "SOPInstanceUID" not in ds:
-                return f"{name}: not a DICOM object (no SOPInstanceUID)"
+            return _check_dicom(path, kind)
         elif path.suffix == ".html" and b"<html" not in path.read_bytes()[:512].lower():
             return f"{name}: not an HTML page"
     except Exception as exc:  # any reader's complaint means the file is damaged
         return f"{name} ({kind}): unreadable: {type(exc).__name__}: {exc}"
+    return None
+
+
+# The element a DICOM output cannot be without, by kind: a file cut short lacks it.
+_ESSENTIAL = {"seg": "PixelData", "sr": "ContentSequence"}
+
+
+def _check_dicom(path: Path, kind: str) -> str | None:
+    """A DICOM object whose every element parses, with its essential content, pixel data as long
+    as declared."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.walk(lambda _ds, _elem: None)  # parse every element: a cut-off value or sequence raises
+    for keyword in ("SOPInstanceUID", _ESSENTIAL.get(kind, "SOPInstanceUID")):
+        if keyword not in ds:
+            return f"{path.name}: incomplete DICOM object (no {keyword})"
+    if "PixelData" in ds:
+        bits = int(ds.BitsAllocated) * int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+        need = (bits * int(ds.get("NumberOfFrames", 1) or 1) + 7) // 8
+        if not ds.file_meta.TransferSyntaxUID.is_compressed and len(ds.PixelData) < need:
+            return f"{path.name}: pixel data holds {len(ds.PixelData)} of {need} bytes"
     return None
 
 
@@ -209,8 +227,10 @@ def publish_study(staging: str | Path, final: str | Path, *, keep: tuple[str, ..
                   gate: str | Path | None = None) -> Path:
     """Verify ``staging`` and swap it into ``final`` (see :func:`prepare`).
 
-    ``gate``, the run's work folder, lets a stopping run close publishing: once
-    :func:`close_gate` has returned, no study of that run is published any more.
+    ``gate`` is the run's work folder (the parent of its staging folders). Publishing holds its
+    lock from verification to the swap, so a stopping run that closes it (:func:`close_gate`)
+    knows that nothing of the run is published after that, and that no staging folder is
+    removed under a publish.
 
     Raises
     ------
@@ -218,14 +238,15 @@ def publish_study(staging: str | Path, final: str | Path, *, keep: tuple[str, ..
         When the folder is incomplete or a failed result would replace a good one (``final``
         is then untouched).
     GateClosed
-        When the run is stopping.
+        When the run is stopping or over.
     """
-    prepare(staging, final, keep=keep)
     if gate is None:
+        prepare(staging, final, keep=keep)
         return swap_into_place(staging, final)
-    with _gate_lock(gate):
-        if (Path(gate) / _CLOSED).exists():
+    with _gate_lock(gate) as is_open:
+        if not is_open:
             raise GateClosed(f"{Path(staging).name}: not published, the run is stopping")
+        prepare(staging, final, keep=keep)
         return swap_into_place(staging, final)
 
 
@@ -233,25 +254,35 @@ class GateClosed(PublishError):
     """The run is stopping: nothing more is published."""
 
 
-_CLOSED, _LOCK = "PUBLISHING-CLOSED", ".publish.lock"
-
-
 @contextmanager
-def _gate_lock(gate: str | Path) -> Iterator[None]:
+def _gate_lock(gate: str | Path) -> Iterator[bool]:
+    """Hold the gate's lock; yield whether publishing is open.
+
+    The lock and the closed mark are files beside the work folder, not in it: removing the
+    folder (or a late task that recreates part of it) never reopens the gate.
+    """
     gate = Path(gate)
-    gate.mkdir(parents=True, exist_ok=True)
-    fd = os.open(gate / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(gate.with_name(gate.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:  # no work folder at all: the run is over
+        yield False
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield not gate.with_name(gate.name + ".closed").exists()
     finally:
         os.close(fd)  # releases the lock
 
 
-def close_gate(gate: str | Path) -> None:
-    """Stop publishing for the run whose work folder is ``gate``; waits for a publish under way."""
+def close_gate(gate: str | Path, *, remove: bool = False) -> None:
+    """Stop publishing for the run whose work folder is ``gate`` (waits for a publish under way);
+    with ``remove``, also delete the folder (the run's staging) while no publish can use it."""
+    gate = Path(gate)
+    gate.parent.mkdir(parents=True, exist_ok=True)
     with _gate_lock(gate):
-        (Path(gate) / _CLOSED).touch()
+        gate.with_name(gate.name + ".closed").touch()
+        if remove:
+            shutil.rmtree(gate, ignore_errors=True)
 
 
 _RENAME_EXCHANGE = 2

@@ -62,7 +62,7 @@ def ingest(plan: dict[str, Any], staging: str, config: dict[str, Any]) -> dict[s
     from medpipe.ingest import StudyPlan, ingest_study
 
     cfg = Config.model_validate(config)
-    Path(staging).mkdir(parents=True, exist_ok=True)
+    Path(staging).mkdir(exist_ok=True)  # not parents: a missing work folder means the run is over
     return _timed(ingest_study, StudyPlan.from_dict(plan), Path(staging), cfg.ingest)
 
 

@@ -14,12 +14,11 @@ from medpipe.outputs import (
     OutputLayout,
     OutputLockedError,
     clean_work,
-    completed_fingerprint,
     exit_code,
     input_fingerprint,
-    publish_study,
     run_lock,
 )
+from medpipe.publish import published_fingerprint, publish_study
 
 
 def test_run_lock_excludes_a_live_run_and_takes_over_a_dead_one(tmp_path) -> None:
@@ -43,12 +42,14 @@ def test_fingerprint_changes_with_each_input() -> None:
 
 def test_only_successful_studies_count_as_done(tmp_path) -> None:
     folder = OutputLayout(tmp_path).study("abc")
-    write_json(folder / "report.json", {"status": "failed", "provenance": {"input_fingerprint": "f"}})
-    assert completed_fingerprint(tmp_path, "abc") is None
-    write_json(folder / "report.json", {"status": "ok", "provenance": {"input_fingerprint": "f"}})
-    assert completed_fingerprint(tmp_path, "abc") == "f"
+    write_json(folder / "report.json", {"status": "failed", "outputs": {"json": "report.json"},
+                                        "provenance": {"input_fingerprint": "f"}})
+    assert published_fingerprint(folder)[0] is None
+    write_json(folder / "report.json", {"status": "ok", "outputs": {"json": "report.json"},
+                                        "provenance": {"input_fingerprint": "f"}})
+    assert published_fingerprint(folder)[0] is None  # "ok" without its image is not done
     (folder / "report.json").write_text("{truncated")
-    assert completed_fingerprint(tmp_path, "abc") is None
+    assert published_fingerprint(folder)[0] is None
 
 
 def test_publish_replaces_whole_folder_and_drops_intermediates(tmp_path) -> None:
@@ -57,9 +58,9 @@ def test_publish_replaces_whole_folder_and_drops_intermediates(tmp_path) -> None
     (final / "old.txt").write_text("old")
     staging = tmp_path / ".work" / "r1" / "k"
     (staging / "filtered.zarr").mkdir(parents=True)
-    (staging / "report.json").write_text("{}")
+    write_json(staging / "report.json", {"status": "failed", "outputs": {"json": "report.json"}})
     publish_study(staging, final)
-    assert sorted(p.name for p in final.iterdir()) == ["report.json"]
+    assert sorted(p.name for p in final.iterdir()) == ["manifest.json", "report.json"]
     assert not staging.exists()
 
 
