@@ -162,3 +162,15 @@ def test_one_pixel_wide_images(tmp_path, phantom, modality, cut):
     if cut != "voxel":  # a line through the chest or head finds its largest tissue at least
         assert {"CT": "soft_tissue", "MR": "white_matter", "OT": "foreground"}[modality] in \
             {m["name"] for m in out["measurements"]}
+
+
+@pytest.mark.parametrize("frames", [1, 2, 7])
+def test_rgb_frames_as_ingest_writes_them(tmp_path, frames):
+    """RGB ultrasound (one frame or a multi-frame cine) reaches the stages as float32 luminance
+    (z = frames, ingest's BT.601 luma), under the default pipeline of other modalities."""
+    rgb = np.zeros((frames, 48, 64, 3), np.uint8)
+    rgb[:, 12:36, 20:44] = (200, 180, 90)  # a bright sector on black
+    rgb[..., 2] += np.random.default_rng(frames).integers(0, 20, rgb.shape[:3], dtype=np.uint8)
+    luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    out, labels = _run_default(_study(tmp_path, "us", luma, spacing=(1.0, 0.3, 0.3)), "US", luma)
+    assert out["method"] == "otsu" and labels[:, 12:36, 20:44].all() and labels.sum() == frames * 24 * 24
