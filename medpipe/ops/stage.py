@@ -49,11 +49,15 @@ def working_chunks(shape: tuple[int, ...], itemsize: int, workers: int = 2, targ
 
 
 def resolve_filter(step: FilterStep, where: str) -> Any:
-    """The function behind ``step.op``; a ``ConfigError`` names an unknown operator."""
+    """The function behind ``step.op``; a ``ConfigError`` names an unknown operator.
+
+    ``Config`` checks steps when it loads (:mod:`medpipe.ops._check`); this catches copies made
+    without validation.
+    """
     if step.op not in FILTERS:
-        hint = " (resample changes the shape; it is a library function, not a pipeline step)" \
+        hint = " (resample changes the shape: a library function, not a pipeline step)" \
             if step.op == "resample" else ""
-        raise ConfigError(f"{where}: unknown filter op {step.op!r}{hint}; known: {sorted(FILTERS)}")
+        raise ConfigError(f"{where}: unknown operator {step.op!r}{hint} (known: {', '.join(sorted(FILTERS))})")
     return FILTERS[step.op]
 
 
@@ -75,7 +79,7 @@ def filter_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     """
     study_dir = Path(study_dir)
     steps = cfg.filters.for_modality(modality)
-    where = f"filters.pipelines[{modality!r}]"
+    where = f"filters.pipelines.{modality if modality in cfg.filters.pipelines else 'default'}"
     funcs = [resolve_filter(s, f"{where}[{i}]") for i, s in enumerate(steps)]
     device = resolve_device(cfg.cluster.device)
     image_path, level0 = _open_level0(study_dir)
@@ -87,7 +91,7 @@ def filter_study(study_dir: Path, modality: str, cfg: Config) -> dict:
         try:
             work = func(work, **step.params)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}[{i}] op {step.op!r} params {step.params}: {exc}") from None
+            raise ConfigError(f"{where}[{i}] ({step.op}) params {step.params}: {exc}") from None
     out = to_numpy(work).astype(np.float32)
 
     # Write beside the final name, then swap, so a crash never leaves half a filtered.zarr.
@@ -127,9 +131,9 @@ def segment_study(study_dir: Path, modality: str, cfg: Config) -> dict:
 
     study_dir = Path(study_dir)
     step = cfg.segment.for_modality(modality)
-    where = f"segment.methods[{modality!r}]"
+    where = f"segment.methods.{modality if modality in cfg.segment.methods else 'default'}"
     if step.op not in METHODS:
-        raise ConfigError(f"{where}: unknown segmentation method {step.op!r}; known: {sorted(METHODS)}")
+        raise ConfigError(f"{where}: unknown method {step.op!r} (known: {', '.join(sorted(METHODS))})")
     device = resolve_device(cfg.cluster.device)
     image_path, _ = _open_level0(study_dir)
     meta = omezarr.read_meta(image_path)
@@ -152,7 +156,7 @@ def segment_study(study_dir: Path, modality: str, cfg: Config) -> dict:
         else:
             seg = METHODS[step.op](filtered, **params)
     except TypeError as exc:
-        raise ConfigError(f"{where} method {step.op!r} params {params}: {exc}") from None
+        raise ConfigError(f"{where} ({step.op}) params {params}: {exc}") from None
 
     labels = to_numpy(seg.labels).astype(np.uint8)
     (labels,) = dask.persist(labels)  # written and measured: compute once (1 byte a voxel)
