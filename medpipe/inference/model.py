@@ -118,13 +118,13 @@ KERAS_MEMBERS = ("config.json", "model.weights.h5")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-def check_model_file(path: Path, *, crc: bool = False) -> None:
+def check_model_file(path: Path) -> None:
     """Raise ``ModelError("corrupt model file <path>: <reason>")`` for a damaged model file.
 
     Keras reports a ``.keras`` file that is not a zip archive as "File not found"; this names
-    the real reason first. Cheap by default (the zip's central directory, or the HDF5
-    signature); ``crc=True`` also reads every member of a ``.keras`` archive and checks its CRC
-    (done once per process, before loading). Directories (SavedModels) are left to TensorFlow.
+    the real reason first: no zip archive, members missing, or a member failing its CRC (every
+    member is read: once per process, before loading; Keras reads them all anyway). An ``.h5``
+    file needs the HDF5 signature. Directories (SavedModels) are left to TensorFlow.
 
     >>> import tempfile
     >>> bad = Path(tempfile.mkdtemp()) / "m.keras"
@@ -152,7 +152,7 @@ def check_model_file(path: Path, *, crc: bool = False) -> None:
             if missing:
                 raise ModelError(f"corrupt model file {path}: the archive lacks {', '.join(missing)} "
                                  "(not a Keras 3 model)")
-            bad = archive.testzip() if crc else None
+            bad = archive.testzip()
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:  # damaged members or directory
         raise ModelError(f"corrupt model file {path}: {type(exc).__name__}: {exc}") from None
     if bad is not None:
@@ -190,8 +190,7 @@ def resolve_model(mcfg: ModelConfig) -> ModelInfo:
     Raises
     ------
     ModelError
-        The model file or directory does not exist, is corrupt (:func:`check_model_file`), or its
-        card is unreadable.
+        The model file or directory does not exist, or its card is unreadable.
     """
     path = model_path(mcfg)
     if not path.exists():
@@ -200,7 +199,6 @@ def resolve_model(mcfg: ModelConfig) -> ModelInfo:
         raise ModelError(f"{path}: a directory but not a TensorFlow SavedModel (no saved_model.pb)")
     if path.is_file() and path.suffix not in (".keras", ".h5"):
         raise ModelError(f"{path}: unsupported model file (expected .keras or a SavedModel directory)")
-    check_model_file(path)
     card = read_card(path)
     inp = card.get("input", {})
     size = mcfg.input_size
@@ -328,7 +326,7 @@ def _load(path: Path) -> LoadedModel:
 
         out_shape = tuple(fn(np.zeros((1, *[d or 8 for d in in_shape]), np.float32)).shape)[1:]
         return LoadedModel(path, None, fn, in_shape, out_shape)
-    check_model_file(path, crc=True)  # before Keras, whose message for a bad zip is "File not found"
+    check_model_file(path)  # before Keras, whose message for a bad zip is "File not found"
     model = keras.saving.load_model(str(path), compile=False)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ModelError(f"{path}: model must have one input and one output")

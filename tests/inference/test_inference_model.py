@@ -52,7 +52,6 @@ def test_truncated_and_damaged_keras_files_are_corrupt(tmp_path):
     damaged[len(data) // 3: len(data) // 3 + 200] = b"\x00" * 200  # garbage inside a member
     garbled = tmp_path / "garbled.keras"
     garbled.write_bytes(bytes(damaged))
-    m.resolve_model(ModelConfig(path=garbled))  # the cheap check reads only the zip directory
     with pytest.raises(ModelError, match=r"corrupt model file .*garbled\.keras: .*(CRC|Bad)"):
         m.validate_model(ModelConfig(path=garbled))
     import zipfile
@@ -61,11 +60,11 @@ def test_truncated_and_damaged_keras_files_are_corrupt(tmp_path):
     with zipfile.ZipFile(other, "w") as z:
         z.writestr("readme.txt", "not a model")
     with pytest.raises(ModelError, match=r"corrupt model file .*other\.keras: the archive lacks config\.json"):
-        m.resolve_model(ModelConfig(path=other))
+        m.validate_model(ModelConfig(path=other))
     h5 = tmp_path / "legacy.h5"
     h5.write_bytes(b"\x00" * 64)
     with pytest.raises(ModelError, match=r"corrupt model file .*legacy\.h5: no HDF5 signature"):
-        m.resolve_model(ModelConfig(path=h5))
+        m.validate_model(ModelConfig(path=h5))
 
 
 def test_wrong_input_shape_is_refused(tiny_model):

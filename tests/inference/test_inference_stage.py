@@ -88,7 +88,7 @@ def test_bad_inputs_are_study_errors(tmp_path, tiny_model):
 def test_model_failing_mid_run_fails_the_study(study, tmp_path, tiny_model):
     broken = tmp_path / "broken.keras"
     broken.write_bytes(tiny_model.read_bytes()[:500])  # truncated: resolves, fails on load
-    with pytest.raises(StudyError, match=r"study study-0: model failed: .*broken\.keras: cannot load model"):
+    with pytest.raises(StudyError, match=r"study study-0: model failed: corrupt model file .*broken\.keras"):
         infer_study(study, "CT", tiny_cfg(broken))
 
 
