@@ -8,10 +8,14 @@ and finally runs a filter once on a tiny volume so that the operator's own argum
 (``window``'s ``high > low``, ``median``'s ``size`` or ``footprint``) speak at load time too.
 
 >>> check_step("filter", "median", {"size": 3}, "filters.pipelines.CT[0]")
->>> check_step("filter", "medain", {}, "filters.pipelines.CT[0]")
+>>> check_step("filter", "medain", {}, "filters.pipelines.CT[0]")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: filters.pipelines.CT[0]: unknown operator 'medain' (known: anisotropic_diffusion, gaussian, gradient_magnitude, mean, median, normalize, unsharp_mask, window)
+ValueError: filters.pipelines.CT[0]: unknown operator 'medain' (known: anisotropic_diffusion, gaussian, ...)
+>>> check_step("filter", "median", {"sise": 3}, "filters.pipelines.CT[0]")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+ValueError: filters.pipelines.CT[0] (median): unexpected parameter 'sise' (accepted: size, footprint, mode, cval)
 """
 
 from __future__ import annotations
