@@ -88,10 +88,11 @@ def log_in(page: Any, ui: str, auth: str) -> None:
     """Log in as a person would: the UI asks for the server's ``user:password`` string."""
     page.goto(f"{ui}/deployments")
     password = page.locator("input[type=password]")
+    # expect() waits 5 s by default: too short for a loaded machine (seen in a full tests/flows run).
+    sync_api.expect(password).to_be_visible(timeout=30_000)
     password.fill(auth)
     page.get_by_role("button", name="Login", exact=True).click()
-    expect_gone = sync_api.expect(password)
-    expect_gone.to_have_count(0)
+    sync_api.expect(password).to_have_count(0, timeout=30_000)  # the UI accepted it and moved on
 
 
 def test_custom_run_from_the_prefect_ui(prefect_api, prefect_auth, medpipe_serve, small_archive, write_archive,
