@@ -93,3 +93,42 @@ def test_process_archive_refuses_an_out_folder_outside_the_roots(tmp_path: Path)
         process_archive.fn(archive=str(archive), out=str(out),
                            config={"run": {"allowed_out_roots": [str(tmp_path / "outputs")]}})
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- the API's auth string
+def test_auth_string_is_made_once_owner_only_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    from flows.server import auth_string, auth_string_file
+
+    for name in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    first = auth_string(home)
+    user, password = first.split(":")
+    assert user == "medpipe" and len(password) >= 40  # 256 random bits, URL-safe base64
+    assert stat.S_IMODE(auth_string_file(home).stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert auth_string(home) == first  # reused: the operator's login keeps working
+    assert auth_string(tmp_path / "other") != first
+
+
+def test_auth_string_from_the_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.server import auth_string
+
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", "ops:chosen")
+    assert auth_string(tmp_path) == "ops:chosen"
+    assert not (tmp_path / "auth-string").exists()
+
+
+def test_auth_string_readable_by_others_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.server import auth_string
+
+    for name in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"):
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "auth-string"
+    path.write_text("medpipe:leaked\n")
+    path.chmod(0o644)
+    with pytest.raises(PermissionError, match=f"{path}: the Prefect auth string is readable by others"):
+        auth_string(tmp_path)
