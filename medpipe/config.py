@@ -170,6 +170,26 @@ class ModelConfig(_Section):
     modalities: list[str] | None = Field(
         None, description="Modalities the model covers (others are skipped); None uses the model card's (else CT)."
     )
+    domain: dict[str, Any] | None = Field(
+        None, description="What the model applies to (modalities, body_parts, orientation, min_slices, "
+        "field_of_view_mm, photometric, series_description, allow_unknown; see medpipe.inference.domain); "
+        "its keys override the model card's domain.",
+    )
+
+    @model_validator(mode="after")
+    def _domain_valid(self) -> "ModelConfig":
+        """A bad domain fails at load (exit 2), not in every study."""
+        if self.domain is not None:
+            from pydantic import ValidationError as _Invalid
+
+            from .inference.domain import Domain  # lazily: the inference package imports this module
+
+            try:
+                Domain.model_validate(self.domain)
+            except _Invalid as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'domain'}: {e['msg']}" for e in exc.errors())
+                raise ConfigError(f"model {self.name or '(unnamed)'}: invalid domain: {problems}") from None
+        return self
 
 
 class ReportConfig(_Section):
@@ -214,10 +234,35 @@ class Config(_Section):
     filters: FilterConfig = Field(default_factory=FilterConfig)
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    models: list[ModelConfig] = Field(
+        default_factory=list,
+        description="Several models, each with a name and its own domain; every study runs each model whose "
+                    "domain it matches. Empty: the one `model`.",
+    )
     report: ReportConfig = Field(default_factory=ReportConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _models_named(self) -> "Config":
+        """``models`` entries need unique names (they key results); ``model`` is then left unset."""
+        if not self.models:
+            return self
+        if self.model != ModelConfig():
+            raise ConfigError("give either `model` (one model) or `models` (several), not both")
+        names = [m.name for m in self.models]
+        unnamed = [i for i, n in enumerate(names) if not n]
+        if unnamed:
+            raise ConfigError(f"models[{unnamed[0]}]: every entry of `models` needs a name")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"models: names must be unique; {', '.join(map(str, twice))} given more than once")
+        return self
+
+    def inference_models(self) -> list[ModelConfig]:
+        """The configured models in order: ``models``, else the one ``model``."""
+        return list(self.models) or [self.model]
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "Config":

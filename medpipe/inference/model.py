@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
 from ..errors import ModelError
+from .domain import Domain, merged_domain
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class ModelInfo:
     spacing_mm: float | None
     threshold: float
     modalities: tuple[str, ...]
+    # What the model applies to (card's domain under the configuration's); None: modalities only.
+    domain: Domain | None = None
 
     @property
     def size(self) -> int:
@@ -72,7 +75,12 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "input_shape": list(self.input_shape), "labels": list(self.labels),
-                "window": list(self.window), "modalities": list(self.modalities)}
+                "window": list(self.window), "modalities": list(self.modalities),
+                "domain": None if self.domain is None else self.domain.model_dump(mode="json")}
+
+    def applies_to(self) -> Domain:
+        """The model's domain (modalities only when none was declared)."""
+        return self.domain or Domain(modalities=list(self.modalities))
 
 
 def model_path(mcfg: ModelConfig) -> Path:
@@ -205,6 +213,14 @@ def resolve_model(mcfg: ModelConfig) -> ModelInfo:
     window = mcfg.window or tuple(inp.get("window") or FALLBACK_WINDOW)
     spacing = mcfg.spacing_mm if mcfg.spacing_mm is not None else inp.get("spacing_mm")
     threshold = mcfg.threshold if mcfg.threshold is not None else card.get("threshold", FALLBACK_THRESHOLD)
+    # modalities: the configuration's domain, its `modalities`, the card's domain, the card's, else CT
+    config_domain = dict(mcfg.domain or {})
+    if mcfg.modalities and not config_domain.get("modalities"):
+        config_domain["modalities"] = list(mcfg.modalities)
+    try:
+        domain = merged_domain(card.get("domain"), config_domain, card.get("modalities") or FALLBACK_MODALITIES)
+    except ValueError as exc:  # a card's domain is checked here; the configuration's at load
+        raise ModelError(f"{path}: invalid domain in the model card: {exc}") from None
     return ModelInfo(
         name=mcfg.name or card.get("name") or path.stem,
         version=mcfg.version or str(card.get("version", "unversioned")),
@@ -216,8 +232,40 @@ def resolve_model(mcfg: ModelConfig) -> ModelInfo:
         window=(float(window[0]), float(window[1])),
         spacing_mm=None if spacing is None else float(spacing),
         threshold=float(threshold),
-        modalities=tuple(mcfg.modalities or card.get("modalities") or FALLBACK_MODALITIES),
+        modalities=tuple(domain.modalities or ()),
+        domain=domain,
     )
+
+
+def configured_name(mcfg: ModelConfig) -> str:
+    """The name a model's results are keyed by (configuration, else card, else file stem),
+    without hashing the model file."""
+    if mcfg.name:
+        return mcfg.name
+    path = model_path(mcfg)
+    try:
+        card = read_card(path) if path.exists() else {}
+    except ModelError:
+        card = {}
+    return str(card.get("name") or path.stem)
+
+
+def select_model(cfg: Config, name: str | None = None) -> ModelConfig:
+    """The configured model called ``name`` (the first when None).
+
+    Raises
+    ------
+    ModelError
+        No configured model has that name.
+    """
+    models = cfg.inference_models()
+    if name is None:
+        return models[0]
+    for mcfg in models:
+        if name in (mcfg.name, configured_name(mcfg)):
+            return mcfg
+    known = ", ".join(configured_name(m) for m in models)
+    raise ModelError(f"no configured model is called {name!r} (configured: {known})")
 
 
 # ---------------------------------------------------------------- loading, once per process

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ import zarr
 from .. import omezarr
 from ..config import Config
 from ..errors import MedpipeError, ModelError, StudyError
-from .model import ModelInfo, check_compatible, load_model, resolve_model
+from .domain import Facts, match
+from .model import ModelInfo, check_compatible, configured_name, load_model, resolve_model, select_model
 from .preprocess import preprocess_slices, restore_slices, slice_geometry
 
 log = logging.getLogger(__name__)
@@ -209,13 +211,16 @@ def task_runs(n_batches: int, slots: int, per_task: int | None = None) -> list[r
     return runs
 
 
-def _check_image(study_key: str, image_path: Path) -> omezarr.ImageMeta:
+def _read_meta(study_key: str, image_path: Path) -> omezarr.ImageMeta:
     if not image_path.exists():
         raise StudyError(study_key, f"no pixel data: {image_path.name} is missing")
     try:
-        meta = omezarr.read_meta(image_path)
+        return omezarr.read_meta(image_path)
     except Exception as exc:
         raise StudyError(study_key, f"no pixel data: cannot read {image_path.name}: {exc}") from None
+
+
+def _check_shape(study_key: str, image_path: Path, meta: omezarr.ImageMeta) -> omezarr.ImageMeta:
     if len(meta.shape) != 3 or min(meta.shape) < 1:
         raise StudyError(study_key, f"image shape {meta.shape} is not a (z, y, x) volume of slices")
     if min(meta.shape[1:]) < 2:
@@ -223,6 +228,74 @@ def _check_image(study_key: str, image_path: Path) -> omezarr.ImageMeta:
     if np.dtype(meta.dtype).kind not in "iuf":
         raise StudyError(study_key, f"image dtype {meta.dtype} is not numeric")
     return meta
+
+
+def _check_image(study_key: str, image_path: Path) -> omezarr.ImageMeta:
+    return _check_shape(study_key, image_path, _read_meta(study_key, image_path))
+
+
+# Facts only a header tells; without header facts (facts=None) their rules are not applied.
+HEADER_FACTS = ["body_part", "orientation", "photometric", "series_description"]
+
+
+def volume_facts(meta: omezarr.ImageMeta, modality: str, facts: Facts | Mapping[str, Any] | None) -> Facts:
+    """The study's facts as ingested: the plan's header facts, with the volume's slice count and
+    in-plane field of view (what the model will actually see, after dropped slices)."""
+    base = facts if isinstance(facts, Facts) else Facts.from_dict(facts or {"modality": modality})
+    fov = None
+    # Without PixelSpacing (photographs, many US frames) ingest's spacing of 1 mm is no field of view.
+    if base.field_of_view_mm is not None or facts is None:
+        fov = (float(meta.shape[-2] * meta.spacing[-2]), float(meta.shape[-1] * meta.spacing[-1]))
+    return Facts(modality=modality or base.modality, body_part=base.body_part, orientation=base.orientation,
+                 n_slices=int(meta.shape[0]), field_of_view_mm=fov, photometric=base.photometric,
+                 series_description=base.series_description)
+
+
+def applicability(info: ModelInfo, facts: Facts, *, header_facts: bool = True) -> tuple[bool, str]:
+    """Whether ``info``'s model applies to a study with ``facts``, and the reason, naming the model.
+
+    ``header_facts=False``: the caller has only the image (library use on a bare ``image.zarr``);
+    the rules on header facts then accept unknown values, and the reason says so.
+    """
+    domain = info.applies_to()
+    if not header_facts:
+        domain = domain.model_copy(update={"allow_unknown": list({*domain.allow_unknown, *HEADER_FACTS})})
+    ok, why = match(domain, facts)
+    if ok:
+        return True, f"within model {info.name}'s domain: {why}"
+    return False, f"outside model {info.name}'s domain: {why}"
+
+
+def not_applicable(info: ModelInfo, reason: str) -> dict[str, Any]:
+    """The result of a model that does not apply to a study: its identity and why, no score."""
+    return {"model": info.summary(), "output_kind": info.output_kind, "labels": list(info.labels),
+            "applicable": False, "reason": reason, "skipped": reason}
+
+
+def plan_models(cfg: Config, facts: Facts | Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Which configured models apply to a study with ``facts`` (from its plan), and why (not).
+
+    Returns
+    -------
+    list of dict
+        In configuration order: ``name``, ``enabled``, ``applicable``, ``reason`` and, for a
+        model that does not apply, ``result`` (:func:`not_applicable`) to report without a task.
+    """
+    facts = facts if isinstance(facts, Facts) else Facts.from_dict(facts)
+    out = []
+    for mcfg in cfg.inference_models():
+        name = configured_name(mcfg)
+        info = resolve_model(mcfg)
+        if not mcfg.enabled:
+            ok, why = False, "inference disabled in the configuration"
+        else:
+            ok, why = applicability(info, facts)
+        entry: dict[str, Any] = {"name": name, "enabled": mcfg.enabled, "applicable": ok, "reason": why,
+                                 "domain": info.applies_to().summary()}
+        if not ok:
+            entry["result"] = not_applicable(info, why)
+        out.append(entry)
+    return out
 
 
 def _flag_ranges(idx: np.ndarray) -> str:
@@ -264,8 +337,9 @@ def outside_field_of_view(shape: tuple[int, ...], spacing: tuple[float, ...], in
             f"{grid:.0f} x {grid:.0f} mm input: outside the model's domain")
 
 
-def infer_study(study_dir: Path, modality: str, cfg: Config) -> dict:
-    """Run the configured model over every axial slice of a study.
+def infer_study(study_dir: Path, modality: str, cfg: Config, model: str | None = None,
+                facts: Facts | Mapping[str, Any] | None = None) -> dict:
+    """Run one configured model over every axial slice of a study, if the study is in its domain.
 
     Parameters
     ----------
@@ -275,16 +349,25 @@ def infer_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     modality : str
         DICOM modality of the study; modalities the model does not cover are skipped.
     cfg : Config
-        ``cfg.model`` selects the model, batch size, study score rule and saliency.
+        The model (``cfg.model``, or the entry of ``cfg.models`` called ``model``) gives the
+        batch size, study score rule, saliency and domain.
+    model : str, optional
+        The configured model's name; None: the first (or only) one.
+    facts : Facts or dict, optional
+        The study's facts from its plan (:meth:`Facts.from_plan`): body part, orientation,
+        photometric interpretation, series description; the slice count and field of view are
+        taken from the volume. None: no header facts are known (a bare ``image.zarr``), so only
+        the modality and the volume are checked against the domain, and the reason says so.
 
     Returns
     -------
     dict
         JSON-safe: ``model`` (name, version, sha256, path), ``output_kind``, ``labels``,
-        ``slice_scores`` (None where the output was not finite), ``study_score``,
-        ``study_label``, ``threshold``, ``rule``, ``flags``, ``saliency`` (slice, score, png
-        relative to ``study_dir``), ``n_slices``, ``input``, ``seconds``; or, for a study the
-        model does not cover, the model identity and ``skipped`` with the reason.
+        ``applicable`` (True) and ``reason``, ``slice_scores`` (None where the output was not
+        finite), ``study_score``, ``study_label``, ``threshold``, ``rule``, ``flags``,
+        ``saliency`` (slice, score, png relative to ``study_dir``), ``n_slices``, ``input``,
+        ``seconds``; or, for a study outside the model's domain, :func:`not_applicable`: the
+        model identity, ``applicable`` False and the ``reason`` (also as ``skipped``), no score.
 
     Raises
     ------
@@ -296,19 +379,21 @@ def infer_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     t0 = time.perf_counter()
     study_dir = Path(study_dir)
     key = study_dir.name
-    mcfg = cfg.model
+    mcfg = select_model(cfg, model)
     info = resolve_model(mcfg)
-    base: dict[str, Any] = {"model": info.summary(), "output_kind": info.output_kind, "labels": list(info.labels)}
     if not mcfg.enabled:
-        return {**base, "skipped": "inference disabled in the configuration"}
-    if modality not in info.modalities:
-        return {**base, "skipped": f"modality {modality} is not covered by model {info.name} "
-                                   f"(covers {', '.join(info.modalities)})"}
+        return not_applicable(info, "inference disabled in the configuration")
     image_path = study_dir / "image.zarr"
-    meta = _check_image(key, image_path)
+    meta = _read_meta(key, image_path)
+    ok, why = applicability(info, volume_facts(meta, modality, facts), header_facts=facts is not None)
+    if not ok:
+        return not_applicable(info, why)
+    _check_shape(key, image_path, meta)
     outside = outside_field_of_view(meta.shape[1:], meta.spacing[1:], info)
     if outside:
-        return {**base, "skipped": outside}
+        return not_applicable(info, outside)
+    base: dict[str, Any] = {"model": info.summary(), "output_kind": info.output_kind, "labels": list(info.labels),
+                            "applicable": True, "reason": why}
     n = meta.shape[0]
     bs = mcfg.batch_size
     spacing = tuple(meta.spacing[1:])

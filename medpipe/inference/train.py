@@ -31,6 +31,10 @@ SIZE = 128
 WINDOW = (-1000.0, 400.0)
 SPACING_MM = 2.0
 LABELS = ["no_lesion", "lesion"]
+# What the model applies to (medpipe.inference.domain): trained on axial chest CT phantoms of 20-35
+# slices covering 220-290 mm; 16 slices keeps short chest series, FOV >= half the 256 mm input grid.
+DOMAIN = {"modalities": ["CT"], "body_parts": ["CHEST"], "orientation": "axial", "min_slices": 16,
+          "field_of_view_mm": [128.0, 600.0], "photometric": ["MONOCHROME2"]}
 
 
 def build_model(size: int = SIZE, channels: int = 1, seed: int = 0) -> Any:
@@ -131,6 +135,7 @@ def train_default(
         "labels": LABELS,
         "threshold": 0.5,
         "modalities": ["CT"],
+        "domain": DOMAIN,
         "input": {
             "size": SIZE, "channels": 1, "window": list(WINDOW), "spacing_mm": SPACING_MM,
             "normalisation": "clip to window, scale to [0, 1]; resample in-plane to spacing_mm, "
