@@ -161,8 +161,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not args.archive.is_dir():
         print(f"medpipe: {args.archive}: archive folder not found", file=sys.stderr)
         return EXIT_USAGE
+    from medpipe.errors import ModelError
+    from medpipe.inference.model import resolve_model
+
     scan = scan_archive(args.archive, cfg.ingest)
-    print(format_plan(plan_studies(scan, cfg.ingest), scan.issues))
+    try:  # which model would run on which study
+        models = [resolve_model(m) for m in cfg.inference_models() if m.enabled]
+    except ModelError as exc:  # the plan of the archive is still worth printing
+        print(f"medpipe: models not shown: {exc}", file=sys.stderr)
+        models = []
+    print(format_plan(plan_studies(scan, cfg.ingest), scan.issues, models))
     return EXIT_OK
 
 

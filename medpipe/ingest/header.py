@@ -40,6 +40,7 @@ WANTED: dict[int, tuple[str, str]] = {
     0x00080018: ("SOPInstanceUID", "UI"),
     0x00080060: ("Modality", "CS"),
     0x0008103E: ("SeriesDescription", "LO"),
+    0x00180015: ("BodyPartExamined", "CS"),
     0x00180050: ("SliceThickness", "DS"),
     0x00180088: ("SpacingBetweenSlices", "DS"),
     0x00181164: ("ImagerPixelSpacing", "DS"),
@@ -65,7 +66,7 @@ PRESENCE = {0x52009230: "PerFrameFunctionalGroupsSequence"}  # only whether it i
 _SPECIAL = frozenset(WANTED) | PRESENCE.keys() | PIXEL_TAGS  # elements the walk looks at
 META = {0x00020002: "MediaStorageSOPClassUID", 0x00020010: "TransferSyntaxUID"}
 # keywords whose value read_instance uses as one value: several values -> pydicom's path
-_SINGLE = {"SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "Modality", "SeriesDescription",
+_SINGLE = {"SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "Modality", "SeriesDescription", "BodyPartExamined",
            "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "InstanceNumber", "NumberOfFrames",
            "PhotometricInterpretation", "SliceThickness", "SpacingBetweenSlices", "RescaleIntercept",
            "RescaleSlope"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,6 +48,13 @@ class StudyPlan:
     # Header facts of ``files`` found by the scan, by column (see ``frame_columns``), so that
     # conversion need not parse each header again; empty for enhanced multi-frame objects.
     headers: dict[str, list[Any]] = field(default_factory=dict)
+    # Facts a model's domain is checked against (medpipe.inference.domain), from the chosen
+    # series' first instance: BodyPartExamined, PhotometricInterpretation, the slice plane and
+    # the in-plane field of view in mm (rows x spacing, columns x spacing); empty when unknown.
+    body_part: str = ""
+    photometric: str = ""
+    plane: str | None = None
+    field_of_view_mm: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,7 +242,18 @@ def plan_study(study_uid: str, instances: list[Instance], issues: list[FileIssue
             for i in chosen.instances if i.value_warning],
         issues=issue_dicts,
         headers=frame_columns(chosen.instances),
+        body_part=chosen.first.body_part,
+        photometric=chosen.first.photometric,
+        plane=plane_of(chosen.first.orientation),
+        field_of_view_mm=_field_of_view(chosen.first),
     )
+
+
+def _field_of_view(inst: Instance) -> list[float] | None:
+    """In-plane extent in mm (rows x row spacing, columns x column spacing), None without spacing."""
+    if not inst.pixel_spacing or not inst.rows or not inst.columns:
+        return None
+    return [round(inst.rows * inst.pixel_spacing[0], 2), round(inst.columns * inst.pixel_spacing[1], 2)]
 
 
 HEADER_COLUMNS = ("rows", "columns", "samples_per_pixel", "rescale", "position", "orientation", "pixel_spacing",
@@ -277,15 +296,23 @@ def plan_studies(scan: ScanResult, cfg: IngestConfig | None = None) -> list[Stud
     return sorted(plans, key=lambda p: p.study_key)
 
 
-def format_plan(plans: list[StudyPlan], issues: list[FileIssue] | list[dict[str, Any]] = ()) -> str:
-    """The text ``medpipe plan ARCHIVE`` prints: every study and series, what runs, what not and why."""
+def format_plan(plans: list[StudyPlan], issues: list[FileIssue] | list[dict[str, Any]] = (),
+                models: Sequence[Any] = ()) -> str:
+    """The text ``medpipe plan ARCHIVE`` prints: every study and series, what runs, what not and why.
+
+    ``models`` (:class:`~medpipe.inference.model.ModelInfo` of the enabled models) adds, under
+    each study to ingest, which models would run on it and why the others would not.
+    """
     n_skip = sum(1 for p in plans if not p.files)
     lines = [f"{len(plans)} studies: {len(plans) - n_skip} to ingest, {n_skip} to skip"]
+    if models:
+        lines.append("models: " + "; ".join(f"{m.name} ({m.applies_to().summary()})" for m in models))
     for p in plans:
         if p.files:
             desc = f' "{p.series_description}"' if p.series_description else ""
             lines.append(f"study {p.study_key}  {p.modality:<3} INGEST series {p.series_key}{desc}: "
                          f"{p.n_slices} slice(s) in {len(p.files)} file(s); {p.selected_because}")
+            lines.extend(_model_lines(p, models))
         else:
             lines.append(f"study {p.study_key}  {p.modality or '?':<3} SKIP   {p.skip_reason}")
         for s in p.skipped:
@@ -302,3 +329,17 @@ def format_plan(plans: list[StudyPlan], issues: list[FileIssue] | list[dict[str,
         lines.append(f"{len(loose)} file(s) outside any study:")
         lines.extend(f"    {i['path']}: {i['reason']}" for i in loose)
     return "\n".join(lines)
+
+
+def _model_lines(plan: StudyPlan, models: Sequence[Any]) -> list[str]:
+    """One line per model: RUN or NOT APPLICABLE, with the domain match's reason."""
+    if not models:
+        return []
+    from ..inference.domain import Facts, match  # the domain rules live with the models
+
+    facts = Facts.from_plan(plan)
+    lines = []
+    for m in models:
+        ok, why = match(m.applies_to(), facts)
+        lines.append(f"    model {m.name}: {'RUN' if ok else 'NOT APPLICABLE'} ({why})")
+    return lines

@@ -94,6 +94,9 @@ class Instance:
     floats: bool = False  # FloatPixelData / DoubleFloatPixelData: voxels may be NaN or Inf
     # ingest.on_nonfinite=warn: why this file's voxels are set to 0 (rescale is then (0, 0))
     value_warning: str | None = None
+    # What a model's domain is checked against (medpipe.inference.domain); "" when absent.
+    body_part: str = ""  # BodyPartExamined
+    photometric: str = ""  # PhotometricInterpretation
 
     @property
     def is_localizer(self) -> bool:
@@ -304,6 +307,8 @@ def _instance(spath: str, st: os.stat_result, ds: Mapping[str, Any], meta: Mappi
         raw_pixels=_raw_pixels(ds, pixels.offset),
         floats=pixels.floats,
         value_warning=value_warning,
+        body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper(),
+        photometric=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
     )
 
 

@@ -150,7 +150,7 @@ def write_sample_archive(dest: str | Path) -> dict[str, Any]:
         study_uid=BRAIN_STUDY_UID, series_uid=stable_uid("medpipe-sample", "mni152-t1"),
         patient_name="Template^Brain", patient_id="SAMPLE-MR-01", series_description="T1 MPRAGE MNI152",
         slope=slope, intercept=0.0, file_names=names, MagneticFieldStrength=3.0,
-        StudyDescription="Sample brain MR",
+        StudyDescription="Sample brain MR", BodyPartExamined="HEAD",
     )
     studies.append({"name": "brain_mr", "study_uid": BRAIN_STUDY_UID, "modality": "MR",
                     "n_files": len(files), "folder": str(brain_dir.relative_to(dest)),
@@ -165,7 +165,7 @@ def write_sample_archive(dest: str | Path) -> dict[str, Any]:
         origin_lps=(-(ph.hu.shape[2] - 1) * ph.spacing[2] / 2, -(ph.hu.shape[1] - 1) * ph.spacing[1] / 2, -60.0),
         intercept=-1024.0, slope=1.0, shuffle=True, seed=PHANTOM_SEED,
         file_names=[f"{k:08x}" for k in range(ph.hu.shape[0])], KVP=120.0,
-        StudyDescription="Sample chest CT phantom",
+        StudyDescription="Sample chest CT phantom", BodyPartExamined="CHEST",
     )
     studies.append({"name": "phantom_ct", "study_uid": PHANTOM_STUDY_UID, "modality": "CT",
                     "n_files": len(files), "folder": str(ct_dir.relative_to(dest)),
