@@ -255,9 +255,25 @@ def _drive(plans: list[dict[str, Any]], run: dict[str, Any], out: str, cfg: Conf
         """Submit what ``stage``'s completion makes ready, or the report when nothing is left."""
         r, key = study.results, study.key
         if stage == "ingest":
+            from medpipe.inference.domain import Facts
+            from medpipe.inference.stage import plan_models
+
+            facts = Facts.from_plan(study.plan).to_dict()
+            try:
+                planned = plan_models(cfg, facts)
+            except Exception as exc:  # a model gone since the run's check: this study's failure only
+                study.errors["infer"] = f"{type(exc).__name__}: {exc}"
+                planned = []
             with _annotate(gpu):
                 submit(study, "filter", filter_.submit(key, r["ingest"], study.staging, config))
-                submit(study, "infer", infer.submit(key, r["ingest"], study.staging, config))
+                # One infer task per model whose domain the study is in; the others are reported
+                # as not applicable, with the reason, without a task.
+                for m in planned:
+                    if m["applicable"]:
+                        submit(study, f"infer:{m['name']}",
+                               infer.submit(key, r["ingest"], study.staging, config, m["name"], facts))
+                    else:
+                        r[f"infer:{m['name']}"] = m["result"]
         elif stage == "filter":
             with _annotate(gpu):
                 submit(study, "segment", segment.submit(key, r["filter"], r["ingest"], study.staging, config))
@@ -279,7 +295,13 @@ def _drive(plans: list[dict[str, Any]], run: dict[str, Any], out: str, cfg: Conf
         fut.wait()  # the final state comes with the Dask result; the API may still say RUNNING
         state = fut.state
         if stage == "report":
-            record(fut.result() if state.is_completed() else _report_failed(study, state, layout))
+            from medpipe.report.record import model_outcomes
+
+            entry = fut.result() if state.is_completed() else _report_failed(study, state, layout)
+            outcomes = model_outcomes(study.results, study.errors)
+            if outcomes:  # each model's label and score, or why it did not apply
+                entry["models"] = outcomes
+            record(entry)
             reported += 1
             if bar is not None:
                 update_progress_artifact(bar, 100.0 * reported / len(todo))

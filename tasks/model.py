@@ -11,8 +11,13 @@ from medpipe.config import Config
 
 
 @task(name="check-model", cache_policy=NO_CACHE, persist_result=False)
-def check_model(config: dict[str, Any]) -> dict[str, Any]:
-    """Load and check the configured model on a worker (warming that worker's model cache)."""
+def check_model(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Load and check every enabled model on a worker (warming that worker's model cache).
+
+    Returns the first enabled model's description (as for a single model) with ``models``, the
+    descriptions of all of them; None when none is enabled.
+    """
     from medpipe.inference.model import validate_model
 
-    return validate_model(Config.model_validate(config).model).to_dict()
+    checked = [validate_model(m).to_dict() for m in Config.model_validate(config).inference_models() if m.enabled]
+    return {**checked[0], "models": checked} if checked else None

@@ -81,11 +81,16 @@ def segment(study_key: str, filtered: dict[str, Any], ingested: dict[str, Any], 
     return _timed(segment_study, Path(staging), ingested["modality"], Config.model_validate(config))
 
 
-@task(name="infer", task_run_name="infer-{study_key}", **STAGE)
-def infer(study_key: str, ingested: dict[str, Any], staging: str, config: dict[str, Any]) -> dict[str, Any]:
+@task(name="infer", task_run_name="infer-{study_key}-{model}", **STAGE)
+def infer(study_key: str, ingested: dict[str, Any], staging: str, config: dict[str, Any], model: str | None = None,
+          facts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the configured model ``model`` (the first when None) on the study, if its domain holds
+    ``facts`` (the plan's, :meth:`medpipe.inference.domain.Facts.from_plan`)."""
+    from medpipe.inference.model import select_model
     from medpipe.inference.stage import infer_study
 
     cfg = Config.model_validate(config)
-    if not cfg.model.enabled:
-        return {"skipped": "inference disabled in the configuration"}
-    return _timed(infer_study, Path(staging), ingested["modality"], cfg)
+    if not select_model(cfg, model).enabled:
+        why = "inference disabled in the configuration"
+        return {"skipped": why, "applicable": False, "reason": why}
+    return _timed(infer_study, Path(staging), ingested["modality"], cfg, model, facts)

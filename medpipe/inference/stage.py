@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ import numpy as np
 import zarr
 
 from .. import omezarr
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..errors import MedpipeError, ModelError, StudyError
 from .domain import Facts, match
 from .model import ModelInfo, check_compatible, configured_name, load_model, resolve_model, select_model
@@ -285,12 +286,15 @@ def plan_models(cfg: Config, facts: Facts | Mapping[str, Any]) -> list[dict[str,
     out = []
     for mcfg in cfg.inference_models():
         name = configured_name(mcfg)
+        if not mcfg.enabled:  # its file need not exist: nothing is resolved
+            why = "inference disabled in the configuration"
+            out.append({"name": name, "enabled": False, "applicable": False, "reason": why, "domain": None,
+                        "result": {"model": {"name": name, "version": mcfg.version, "sha256": None},
+                                   "applicable": False, "reason": why, "skipped": why}})
+            continue
         info = resolve_model(mcfg)
-        if not mcfg.enabled:
-            ok, why = False, "inference disabled in the configuration"
-        else:
-            ok, why = applicability(info, facts)
-        entry: dict[str, Any] = {"name": name, "enabled": mcfg.enabled, "applicable": ok, "reason": why,
+        ok, why = applicability(info, facts)
+        entry: dict[str, Any] = {"name": name, "enabled": True, "applicable": ok, "reason": why,
                                  "domain": info.applies_to().summary()}
         if not ok:
             entry["result"] = not_applicable(info, why)
@@ -394,6 +398,7 @@ def infer_study(study_dir: Path, modality: str, cfg: Config, model: str | None =
         return not_applicable(info, outside)
     base: dict[str, Any] = {"model": info.summary(), "output_kind": info.output_kind, "labels": list(info.labels),
                             "applicable": True, "reason": why}
+    own = output_subname(cfg, mcfg)
     n = meta.shape[0]
     bs = mcfg.batch_size
     spacing = tuple(meta.spacing[1:])
@@ -425,9 +430,9 @@ def infer_study(study_dir: Path, modality: str, cfg: Config, model: str | None =
     if info.output_kind == "segmentation":
         mask = np.concatenate([p["mask"] for p in sorted(parts, key=lambda p: p["start"])])
         names = {i: name for i, name in enumerate(info.labels) if i > 0} or {1: "foreground"}
-        omezarr.write_labels(image_path, mask, names, name="model",
+        omezarr.write_labels(image_path, mask, names, name="model" + (f"-{own}" if own else ""),
                              attrs={"model": info.summary(), "source": "medpipe.inference"})
-    saliency = _saliency(study_dir, image_path, scores, info, mcfg.saliency_slices)
+    saliency = _saliency(study_dir, image_path, scores, info, mcfg.saliency_slices, own)
     return {
         **base,
         "slice_scores": [float(s) if np.isfinite(s) else None for s in scores],
@@ -443,7 +448,23 @@ def infer_study(study_dir: Path, modality: str, cfg: Config, model: str | None =
     }
 
 
-def _saliency(study_dir: Path, image_path: Path, scores: np.ndarray, info: ModelInfo, k: int) -> list[dict]:
+def output_subname(cfg: Config, mcfg: ModelConfig) -> str:
+    """'' for the first configured model (its outputs where a single model's always were:
+    ``saliency/``, ``labels/model``); for the others a file-safe form of their name, so that
+    models running side by side on one study never write the same files.
+
+    >>> cfg = Config.model_validate({"models": [{"name": "a"}, {"name": "Head CT/v2"}]})
+    >>> [output_subname(cfg, m) for m in cfg.inference_models()]
+    ['', 'head-ct-v2']
+    """
+    models = cfg.inference_models()
+    if not models or models[0] is mcfg:
+        return ""
+    return re.sub(r"[^a-z0-9._]+", "-", configured_name(mcfg).lower()).strip("-.") or f"model{models.index(mcfg)}"
+
+
+def _saliency(study_dir: Path, image_path: Path, scores: np.ndarray, info: ModelInfo, k: int,
+              subdir: str = "") -> list[dict]:
     """Saliency PNGs for the ``k`` highest finite-scoring slices, made in one worker task."""
     if k <= 0:
         return []
@@ -454,9 +475,10 @@ def _saliency(study_dir: Path, image_path: Path, scores: np.ndarray, info: Model
     from .saliency import write_saliency
 
     slices = [int(z) for z in top]
-    out_dir = study_dir / SALIENCY_DIR
+    rel = f"{SALIENCY_DIR}/{subdir}" if subdir else SALIENCY_DIR
+    out_dir = study_dir / rel
     pngs = dask.compute(dask.delayed(write_saliency, pure=False)(str(image_path), slices, info, str(out_dir)))[0]
-    return [{"slice": z, "score": float(scores[z]), "png": f"{SALIENCY_DIR}/{Path(p).name}"}
+    return [{"slice": z, "score": float(scores[z]), "png": f"{rel}/{Path(p).name}"}
             for z, p in zip(slices, pngs)]
 
 

@@ -5,9 +5,9 @@ label, frame by frame on the source images (matched by position along the slice 
 by InstanceNumber or file order); the SR holds each label's volume and references its segment.
 Both reference the source series, so a PACS can store them beside the study.
 
-Every processed study gets an SR: the model's result (positive, negative or not applicable) is a
-qualitative evaluation, so a study without any measurement still has the one measurement group
-TID 1500 requires. Sources may be single-frame series (axial, oblique, tilted), one multi-frame
+Every processed study gets an SR: each model's result (positive, negative or not applicable) is a
+qualitative evaluation in a measurement group of its own, so a study without any measurement still
+has the one measurement group TID 1500 requires. Sources may be single-frame series (axial, oblique, tilted), one multi-frame
 image (frames matched through its functional groups) or one 2-D image without patient geometry
 (CR, DX, US, secondary capture); direction cosines are normalised before highdicom copies them.
 
@@ -384,8 +384,9 @@ def model_evaluation(model: dict[str, Any] | None) -> tuple[Any, Any, str]:
         label if label is not None and not _is_negative(str(label), labels) else "lesion")
     finding = property_codes(positive)[1]
     name = (model or {}).get("name") or "model"
-    if model is None or model.get("skipped") or label is None:
-        why = "no model" if model is None else (f"skipped: {model['skipped']}" if model.get("skipped") else "no result")
+    if model is None or model.get("skipped") or model.get("applicable") is False or label is None:
+        skipped = model.get("skipped") or model.get("reason") if model else None
+        why = "no model" if model is None else (f"skipped: {skipped}" if skipped else "no result")
         return finding, NOT_APPLICABLE, f"{name}: not applicable ({why})"
     value = codes.SCT.Absent if _is_negative(str(label), labels) else codes.SCT.Present
     score = outputs.get("study_score")
@@ -394,10 +395,12 @@ def model_evaluation(model: dict[str, Any] | None) -> tuple[Any, Any, str]:
 
 def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[int, int],
              record: dict[str, Any], series_number: int = 901) -> Any:
-    """Comprehensive 3D SR (TID 1500): the model's result and the volume of each measured label.
+    """Comprehensive 3D SR (TID 1500): each model's result and the volume of each measured label.
 
-    The model's result is one measurement group holding a qualitative evaluation (Present,
-    Absent or Not applicable), so that every study, also one without measurements, has an SR.
+    Each model's result is one measurement group holding one qualitative evaluation (Present,
+    Absent or Not applicable), identified by the model's name and version, so that every study,
+    also one without measurements, has an SR. The models are the record's ``models`` (one per
+    configured model), else its single ``model``.
     """
     import highdicom as hd
 
@@ -406,14 +409,15 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=generate_uid(), name="medpipe", manufacturer_name="medpipe", model_name=__version__),
     )
-    model = record.get("model")
-    finding, value, text = model_evaluation(model)
-    model_id = hd.sr.AlgorithmIdentification(name=str((model or {}).get("name") or "medpipe")[:64],
-                                             version=str((model or {}).get("version") or __version__)[:64])
-    groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=text[:64]),
-        finding_type=finding, algorithm_id=model_id,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=value)])]
+    groups = []
+    for model in record.get("models") or [record.get("model")]:
+        finding, value, text = model_evaluation(model)
+        model_id = hd.sr.AlgorithmIdentification(name=str((model or {}).get("name") or "medpipe")[:64],
+                                                 version=str((model or {}).get("version") or __version__)[:64])
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=text[:64]),
+            finding_type=finding, algorithm_id=model_id,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=value)]))
     algorithm = hd.sr.AlgorithmIdentification(name="medpipe", version=__version__)
     for m in (record.get("segmentation") or {}).get("measurements") or []:
         v = int(m["label"])

@@ -73,6 +73,7 @@ def render_study_html(record: dict[str, Any], figures: StudyFigures | None = Non
         used=record["series"].get("used"),
         seg=seg,
         model=model,
+        models=record.get("models") or [],
         figs=figures,
         colors={item["value"]: item["color"] for item in figures.legend},
         cand_cols=cand_cols[:8],

@@ -145,6 +145,55 @@ def _model(infer: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def _applicable(infer: dict[str, Any]) -> bool:
+    """A model result applies unless it says otherwise or was skipped (results before domains)."""
+    return bool(infer.get("applicable", infer.get("skipped") is None))
+
+
+def _model_entry(name: str, infer: dict[str, Any]) -> dict[str, Any]:
+    """One entry of ``models``: :func:`_model` plus ``applicable`` and ``reason``; no outputs
+    (no score) where the model does not apply."""
+    entry = _model(infer) or {}
+    applicable = _applicable(infer)
+    reason = infer.get("reason") or infer.get("skipped")
+    return {**entry, "name": entry.get("name") or name, "applicable": applicable,
+            "reason": None if reason is None else str(reason),
+            "outputs": entry.get("outputs") if applicable else None,
+            "saliency": entry.get("saliency") if applicable else []}
+
+
+def infer_results(stages: dict[str, Any], config: dict[str, Any] | None = None) -> list[tuple[str, dict]]:
+    """The model results among stage results (``infer`` and ``infer:<model name>``), as
+    (name, result) in the configuration's order of ``models`` (others after, by name)."""
+    found = [(k.partition(":")[2] or str(((v.get("model") or {}).get("name")) or "model"), v)
+             for k, v in (stages or {}).items()
+             if (k == "infer" or k.startswith("infer:")) and isinstance(v, dict)]
+    order = [m.get("name") for m in ((config or {}).get("models") or []) if isinstance(m, dict)]
+    return sorted(found, key=lambda nv: (order.index(nv[0]) if nv[0] in order else len(order), nv[0]))
+
+
+def model_outcomes(stages: dict[str, Any], errors: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """run.json's ``models`` of a study: per model name, its label and score, why it did not
+    apply (no score), or its error.
+
+    >>> model_outcomes({"infer:a": {"study_label": "lesion", "study_score": 0.9, "applicable": True},
+    ...                 "infer:b": {"applicable": False, "reason": "outside model b's domain: MR"}},
+    ...                {"infer:c": "StudyError: boom"})  # doctest: +NORMALIZE_WHITESPACE
+    {'a': {'applicable': True, 'label': 'lesion', 'score': 0.9},
+     'b': {'applicable': False, 'reason': "outside model b's domain: MR"}, 'c': {'error': 'StudyError: boom'}}
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, res in infer_results(stages):
+        if _applicable(res):
+            out[name] = jsonable({"applicable": True, "label": res.get("study_label"), "score": res.get("study_score")})
+        else:
+            out[name] = {"applicable": False, "reason": str(res.get("reason") or res.get("skipped"))}
+    for key, text in (errors or {}).items():
+        if key == "infer" or key.startswith("infer:"):
+            out[key.partition(":")[2] or "model"] = {"error": str(text)}
+    return out
+
+
 def assemble_record(
     study_key: str,
     stages: dict[str, dict],
@@ -161,8 +210,9 @@ def assemble_record(
     study_key : str
         The study's one-way key (folder name under ``OUT/studies``).
     stages : dict
-        Results by stage name: ``plan``, ``ingest``, ``filter``, ``segment``, ``infer``; any may
-        be missing. A stage result holding ``{"error": text}`` marks the study failed.
+        Results by stage name: ``plan``, ``ingest``, ``filter``, ``segment``, ``infer`` or
+        ``infer:<model name>`` (one per model); any may be missing. A stage result holding
+        ``{"error": text}`` marks the study failed.
     timings : dict
         Seconds per stage.
     provenance : dict
@@ -189,9 +239,11 @@ def assemble_record(
         if isinstance(res, dict) and res.get("error") and error is None:
             error = f"{name}: {res['error']}"
     plan, ingest = stages.get("plan") or {}, stages.get("ingest") or {}
-    filt, seg, infer = stages.get("filter"), stages.get("segment"), stages.get("infer")
+    filt, seg = stages.get("filter"), stages.get("segment")
     prov = jsonable(dict(provenance or {}))
     cfg = prov.get("config") if isinstance(prov.get("config"), dict) else {}
+    infers = infer_results(stages, cfg)
+    infer = infers[0][1] if infers else None  # `model`: the first (or only) model, as before `models`
 
     all_warnings: list[str] = []
     for src in (warnings, plan.get("warnings"), ingest.get("warnings"), (seg or {}).get("warnings"),
@@ -218,6 +270,7 @@ def assemble_record(
                                                    "shape": filt.get("shape")}),
         "segmentation": _segmentation(seg),
         "model": _model(infer),
+        "models": [_model_entry(name, res) for name, res in infers],
         "warnings": all_warnings,
         "issues": _issues(plan.get("issues"), ingest.get("issues")),
         "outputs": {},
@@ -236,20 +289,35 @@ def assemble_record(
 
 
 def key_findings(record: dict[str, Any], limit: int = 3) -> str | None:
-    """One line for tables: the model's study label and score, then the largest lesion candidates.
+    """One line for tables: the models' study labels and scores, then the largest lesion candidates.
+
+    With several models, each is named with its result or "not applicable".
 
     >>> key_findings({"status": "failed", "error": "x", "model": None, "segmentation": None})
     >>> key_findings({"status": "ok", "model": {"outputs": {"study_label": "lesion", "study_score": 0.91}},
     ...               "segmentation": {"lesion_candidates": [{"volume_ml": 1.5}]}})
     'lesion (score 0.91); 1 lesion candidate (largest 1.50 ml)'
+    >>> key_findings({"status": "ok", "segmentation": None, "models": [
+    ...     {"name": "chest", "applicable": True, "outputs": {"study_label": "no_lesion", "study_score": 0.1}},
+    ...     {"name": "head", "applicable": False, "outputs": None}]})
+    'chest: no_lesion (score 0.10); head: not applicable'
     """
     if record.get("status") != "ok":
         return None
     parts = []
-    outputs = (record.get("model") or {}).get("outputs") or {}
-    if outputs.get("study_label") is not None:
-        score = outputs.get("study_score")
-        parts.append(f"{outputs['study_label']}" + (f" (score {score:.2f})" if score is not None else ""))
+    models = record.get("models") or []
+    if len(models) > 1:
+        for m in models:
+            outputs = m.get("outputs") or {}
+            if not m.get("applicable", True):
+                parts.append(f"{m.get('name')}: not applicable")
+            elif outputs.get("study_label") is not None:
+                parts.append(f"{m.get('name')}: {_label(outputs)}")
+        limit += max(0, len(parts) - 1)
+    else:
+        outputs = (record.get("model") or {}).get("outputs") or {}
+        if outputs.get("study_label") is not None:
+            parts.append(_label(outputs))
     cands = (record.get("segmentation") or {}).get("lesion_candidates") or []
     if cands:
         vols = [c.get("volume_ml") for c in cands if isinstance(c.get("volume_ml"), (int, float))]
@@ -260,3 +328,8 @@ def key_findings(record: dict[str, Any], limit: int = 3) -> str | None:
     elif record.get("segmentation") is not None:
         parts.append("no lesion candidates")
     return "; ".join(parts[:limit]) or None
+
+
+def _label(outputs: dict[str, Any]) -> str:
+    score = outputs.get("study_score")
+    return f"{outputs['study_label']}" + (f" (score {score:.2f})" if score is not None else "")

@@ -11,7 +11,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-SCHEMA_VERSION = "1.1"  # 1.1: optional "objects" (which DICOM objects were made, why not)
+SCHEMA_VERSION = "1.2"  # 1.1: optional "objects" (which DICOM objects were made, why not); 1.2: "models"
 SCHEMA_FILE = "report.schema.json"
 
 
