@@ -181,6 +181,22 @@ def _majority(frames: list[Frame], key: Any, what: str, study_key: str, policy: 
     return [f for f in frames if key(f) == keep]
 
 
+def _pixel_spacing(spacing: tuple[float, float] | None, warnings: list[str]) -> tuple[float, float]:
+    r"""The in-plane spacing, or 1 mm with a warning when absent or not positive (real radiographs
+    carry ``0\0``, which would make a singular affine and zero volumes).
+
+    >>> w = []; _pixel_spacing((0.0, 0.0), w), w
+    ((1.0, 1.0), ['PixelSpacing 0\\0 is not positive; 1 mm assumed'])
+    """
+    if spacing is None:
+        warnings.append("no PixelSpacing; 1 mm assumed")
+        return (1.0, 1.0)
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        warnings.append(f"PixelSpacing {spacing[0]:g}\\{spacing[1]:g} is not positive; 1 mm assumed")
+        return (1.0, 1.0)
+    return spacing
+
+
 def build_geometry(
     frames: list[Frame],
     study_key: str,
@@ -222,10 +238,7 @@ def build_geometry(
     row /= np.linalg.norm(row)
     col /= np.linalg.norm(col)
     normal = np.cross(row, col)
-    pixel_spacing = first.pixel_spacing
-    if pixel_spacing is None:
-        pixel_spacing = (1.0, 1.0)
-        warnings.append("no PixelSpacing; 1 mm assumed")
+    pixel_spacing = _pixel_spacing(first.pixel_spacing, warnings)
     thickness = next((v for v in (first.spacing_between, first.thickness) if v and v > 0), None)
 
     if all(f.position is not None for f in frames):

@@ -166,21 +166,20 @@ def pixel_element_at(head: bytes, pos: int, size: int, implicit: bool, little: b
     """The :class:`PixelElement` facts of the element whose first (up to 12) bytes are ``head``,
     at byte ``pos`` of a file of ``size`` bytes: whether it is pixel data; if so, whether its
     declared length fits in the file, its length and the byte offset of native (not
-    encapsulated) little-endian PixelData's value."""
+    encapsulated) little-endian PixelData's value (big endian: None, pydicom decodes it)."""
     if len(head) < 8:
         return PixelElement(False)
-    group, elem = struct.unpack("<HH", head[:4])
+    order = "<" if little else ">"  # tags and lengths follow the transfer syntax's byte order
+    group, elem = struct.unpack(order + "HH", head[:4])
     if (group << 16 | elem) not in PIXEL_TAGS:
         return PixelElement(False)
     floats = (group, elem) != (0x7FE0, 0x0010)
-    if not little:
-        return PixelElement(True, floats=floats)  # big endian (retired): leave it to pydicom
     if implicit:
-        length, header_len = struct.unpack("<I", head[4:8])[0], 8
+        length, header_len = struct.unpack(order + "I", head[4:8])[0], 8
     elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"UN"):
-        length, header_len = struct.unpack("<I", head[8:12])[0], 12
+        length, header_len = struct.unpack(order + "I", head[8:12])[0], 12
     else:
-        length, header_len = struct.unpack("<H", head[6:8])[0], 8
+        length, header_len = struct.unpack(order + "H", head[6:8])[0], 8
     available = max(size - pos - header_len, 0)
     if length == UNDEFINED:  # encapsulated (compressed): at least the item tags must follow
         problem = None if size > pos + header_len + 8 else "truncated: encapsulated pixel data is empty"
@@ -190,7 +189,8 @@ def pixel_element_at(head: bytes, pos: int, size: int, implicit: bool, little: b
                             floats=floats)
     if length == 0:
         return PixelElement(True, "pixel data is empty", floats=floats)
-    return PixelElement(True, None, None if floats else pos + header_len, length, False, floats)
+    native_le = little and not floats
+    return PixelElement(True, None, pos + header_len if native_le else None, length, False, floats)
 
 
 def _pydicom_defaults() -> bool:

@@ -237,7 +237,7 @@ def plan_study(study_uid: str, instances: list[Instance], issues: list[FileIssue
         n_slices=chosen.n_slices,
         selected_because=because,
         skipped=skipped,
-        warnings=warnings + chosen.warnings + [
+        warnings=warnings + chosen.warnings + _mosaic_warning(chosen.instances) + [
             f"{i.path}: {i.value_warning}; its voxels set to 0 (ingest.on_nonfinite=warn)"
             for i in chosen.instances if i.value_warning],
         issues=issue_dicts,
@@ -249,10 +249,18 @@ def plan_study(study_uid: str, instances: list[Instance], issues: list[FileIssue
     )
 
 
+def _mosaic_warning(instances: list[Instance]) -> list[str]:
+    """Siemens MOSAIC images tile a volume's slices in one frame; medpipe does not unpack them,
+    so the user is told that the image is a 2-D montage rather than slices."""
+    n = sum("MOSAIC" in i.image_type for i in instances)
+    return [f"{n} Siemens MOSAIC image(s): slices tiled in one frame, processed as 2-D montages "
+            "(not unpacked into a volume)"] if n else []
+
+
 def _field_of_view(inst: Instance) -> list[float] | None:
     """In-plane extent in mm (rows x row spacing, columns x column spacing), None without spacing."""
-    if not inst.pixel_spacing or not inst.rows or not inst.columns:
-        return None
+    if not inst.pixel_spacing or min(inst.pixel_spacing) <= 0 or not inst.rows or not inst.columns:
+        return None  # no spacing, or one that is not positive (radiographs with 0\\0)
     return [round(inst.rows * inst.pixel_spacing[0], 2), round(inst.columns * inst.pixel_spacing[1], 2)]
 
 
