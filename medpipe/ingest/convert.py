@@ -65,6 +65,7 @@ from .scan import pixels_in
 log = logging.getLogger(__name__)
 
 UNITS = {"CT": "HU", "PT": "BQML"}
+PALETTE = "PALETTE COLOR"
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _INT16 = np.iinfo(np.int16)
 _PIXEL_TAG = b"\xe0\x7f\x10\x00"
@@ -155,11 +156,17 @@ def decode_stored(ds: pydicom.Dataset | None, frame: Frame, out: np.ndarray | No
         else:
             arr = pydicom.pixels.pixel_array(ds, index=frame.index)
         arr = np.asarray(arr)
-        if frame.samples > 1:  # RGB (pydicom converts YBR to RGB): one grey channel, ITU-R BT.601 luma
+        if _is_palette(ds):  # stored values are indices into the file's colour table, not intensities
+            arr = pydicom.pixels.apply_color_lut(arr, ds)
+        if frame.samples > 1 or arr.ndim == 3:  # RGB (pydicom converts YBR to RGB): one grey channel, BT.601 luma
             arr = arr[..., :3].astype(np.float32) @ _LUMA
     if arr.shape != (frame.rows, frame.columns):
         raise InputError(frame.path, f"decoded frame has shape {arr.shape}, header says {(frame.rows, frame.columns)}")
     return arr
+
+
+def _is_palette(ds: pydicom.Dataset) -> bool:
+    return str(ds.get("PhotometricInterpretation", "") or "").strip().upper() == PALETTE
 
 
 def to_physical(stored: np.ndarray, frame: Frame, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
@@ -415,7 +422,7 @@ def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: I
     while True:
         geo = build_geometry(frames, plan.study_key, on_inconsistency=cfg.on_inconsistency,
                              spacing_tolerance=cfg.spacing_tolerance)
-        dtype = storage_dtype(geo.frames)
+        dtype = np.dtype(np.float32) if plan.photometric == PALETTE else storage_dtype(geo.frames)
         try:
             chunks, failed, fixed = _write_volume(image_path, geo, dtype, cfg, attrs)
         except _OutOfRange:
@@ -450,6 +457,8 @@ def ingest_study(plan: StudyPlan | dict[str, Any], study_dir: str | Path, cfg: I
     warnings = list(plan.warnings) + value_warnings + fixed + dropped + geo.warnings
     if any(f.samples > 1 for f in geo.frames[:1]):
         warnings.append("RGB image converted to luminance (0.299 R + 0.587 G + 0.114 B)")
+    if plan.photometric == PALETTE:
+        warnings.append("PALETTE COLOR image: colour table applied, converted to luminance (0.299 R + 0.587 G + 0.114 B)")
     if source.get("photometric") == "MONOCHROME1":
         warnings.append("MONOCHROME1: values kept as stored (high values display dark)")
     log.info("study %s: wrote %s %s volume", plan.study_key, "x".join(map(str, geo.shape)), plan.modality)

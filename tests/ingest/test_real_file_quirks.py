@@ -65,3 +65,19 @@ def test_siemens_mosaic_is_named_as_a_montage(tmp_path):
     plans, results, _ = run_ingest(tmp_path / "archive", tmp_path / "out")
     warnings = results[plans[0].study_key]["warnings"]
     assert any("Siemens MOSAIC" in w and "2-D montage" in w for w in warnings), warnings
+
+
+def test_palette_color_pixels_go_through_the_colour_table(tmp_path):
+    """PALETTE COLOR values are indices into the file's colour table (pydicom-data's 8-bit face,
+    a 16-bit ultrasound with a segmented table): their luminance is the image, not the index."""
+    from pydicom.pixels import apply_color_lut
+
+    name = "gdcm-US-ALOKA-16.dcm"
+    _copy(name, tmp_path / "archive")
+    plans, results, _ = run_ingest(tmp_path / "archive", tmp_path / "out")
+    volume, _ = load(tmp_path / "out", plans[0].study_key)
+    ds = pydicom.dcmread(get_testdata_file(name))
+    expected = apply_color_lut(ds.pixel_array, ds).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(volume[0], expected, rtol=1e-6)
+    assert volume.dtype == np.float32
+    assert any(w.startswith("PALETTE COLOR image") for w in results[plans[0].study_key]["warnings"])
