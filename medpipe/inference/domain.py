@@ -21,7 +21,7 @@ Body parts are compared through synonym groups (CHEST = THORAX = LUNG, HEAD = BR
 >>> match(d, Facts("CT", body_part="THORAX", orientation="axial", n_slices=48))
 (True, 'CT, body part THORAX (CHEST), axial, 48 slices')
 >>> match(d, Facts("CT", body_part=None, orientation="axial", n_slices=1))[1]
-'no BodyPartExamined (body part unknown; the model needs CHEST); 1 slice(s), fewer than 16'
+'no BodyPartExamined (body part unknown, the model needs CHEST); 1 slice(s), fewer than 16'
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def _unknown(what: str, fact: Fact, domain: Domain, need: str) -> str | None:
     """The reason a missing fact excludes the study, or None when the domain allows it."""
     if fact in domain.allow_unknown:
         return None
-    return f"{what} ({fact.replace('_', ' ')} unknown; the model needs {need})"
+    return f"{what} ({fact.replace('_', ' ')} unknown, the model needs {need})"
 
 
 def _body_part(domain: Domain, facts: Facts) -> str | None:

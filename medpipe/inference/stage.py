@@ -263,7 +263,9 @@ def applicability(info: ModelInfo, facts: Facts, *, header_facts: bool = True) -
         domain = domain.model_copy(update={"allow_unknown": list({*domain.allow_unknown, *HEADER_FACTS})})
     ok, why = match(domain, facts)
     if ok:
-        return True, f"within model {info.name}'s domain: {why}"
+        said = "" if header_facts else " (header facts not given: body part, orientation, photometric and " \
+                                        "series description not checked)"
+        return True, f"within model {info.name}'s domain: {why}{said}"
     return False, f"outside model {info.name}'s domain: {why}"
 
 

@@ -65,9 +65,10 @@ def test_default_model_grad_cam(tmp_path):
     """The committed model on a phantom with lesions: finds them, and Grad-CAM writes overlays."""
     from medpipe.config import Config
 
-    study = write_study(tmp_path, n_slices=12, n_lesions=3, seed=5)
+    study = write_study(tmp_path, n_slices=16, n_lesions=3, seed=5)  # the card's domain: >= 16 slices
     res = infer_study(study, "CT", Config())
-    assert len(res["slice_scores"]) == 12 and len(res["saliency"]) == 2
+    assert res["applicable"] and "header facts not given" in res["reason"]
+    assert len(res["slice_scores"]) == 16 and len(res["saliency"]) == 2
     assert all((study / r["png"]).stat().st_size > 100 for r in res["saliency"])
 
 

@@ -233,3 +233,16 @@ def test_single_valued_image_type_is_one_value(tmp_path, monkeypatch):
     ds.ImageType = "LOCALIZER"
     rec = _assert_same(_save(ds, tmp_path / "loc", implicit=False), monkeypatch)
     assert tuple(rec["image_type"]) == ("LOCALIZER",)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_body_part_and_photometric_read_fast_and_identical(tmp_path, monkeypatch, implicit):
+    """The two facts a model's domain needs: the fast reader gives what pydicom gives."""
+    files = write_series(ramp_volume((2, 10, 12)), (2.5, 0.7, 0.8), tmp_path / "s", BodyPartExamined="Chest ")
+    for f in files:
+        if implicit:
+            _save(pydicom.dcmread(f), f, implicit=True)
+        rec = _assert_same(f, monkeypatch)
+        assert rec["body_part"] == "CHEST" and rec["photometric"] == "MONOCHROME2"
+    bare = write_series(ramp_volume((1, 10, 12)), (2.5, 0.7, 0.8), tmp_path / "t")  # no BodyPartExamined
+    assert _assert_same(bare[0], monkeypatch)["body_part"] == ""

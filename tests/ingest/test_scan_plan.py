@@ -143,3 +143,32 @@ def test_files_without_file_meta(tmp_path):
 
     key = next(iter(results))
     np.testing.assert_array_equal(read_image(tmp_path / "out" / key / "image.zarr").compute(), vol)
+
+
+def test_plan_carries_domain_facts_and_format_plan_lists_models(tmp_path):
+    """Body part, photometric, plane and field of view reach the plan; `medpipe plan` says which
+    model runs on which study, and why not."""
+    from medpipe.config import Config
+    from medpipe.inference.domain import Facts
+    from medpipe.inference.model import resolve_model
+
+    root = tmp_path / "arch"
+    write_series(ramp_volume((20, 64, 64)), (2.5, 4.0, 4.0), root / "chest", study_uid="1.2.3.1",
+                 BodyPartExamined="THORAX")
+    write_series(ramp_volume((20, 64, 64)), (2.5, 4.0, 4.0), root / "head", study_uid="1.2.3.2",
+                 BodyPartExamined="HEAD")
+    write_series(ramp_volume((20, 64, 64)), (2.5, 4.0, 4.0), root / "unknown", study_uid="1.2.3.3")
+    plans = {p.study_key: p for p in plan_studies(scan_archive(root))}
+    chest = plans[study_key("1.2.3.1")]
+    assert (chest.body_part, chest.photometric, chest.plane) == ("THORAX", "MONOCHROME2", "axial")
+    assert chest.field_of_view_mm == [256.0, 256.0] and plans[study_key("1.2.3.3")].body_part == ""
+    assert Facts.from_plan(StudyPlan.from_dict(json.loads(json.dumps(chest.to_dict())))) == Facts.from_plan(chest)
+
+    text = format_plan(list(plans.values()), [], [resolve_model(Config().model)])
+    assert "models: medpipe-lesion-slice-cnn (CT, body part CHEST, axial, >= 16 slices" in text
+    lines = text.splitlines()
+    after = {k: lines[next(i for i, line in enumerate(lines) if line.startswith(f"study {k}")) + 1] for k in plans}
+    assert "RUN (CT, body part THORAX (CHEST), axial, 20 slices)" in after[study_key("1.2.3.1")]
+    assert "NOT APPLICABLE (body part HEAD, the model needs CHEST)" in after[study_key("1.2.3.2")]
+    assert "NOT APPLICABLE (no BodyPartExamined (body part unknown" in after[study_key("1.2.3.3")]
+    assert "model " not in format_plan(list(plans.values()))  # no models given: the plan as before
