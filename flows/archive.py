@@ -168,7 +168,9 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
             run["studies"].sort(key=lambda e: e["study_key"])
             run["counts"] = {s: sum(1 for st in run["studies"] if st["status"] == s) for s in STATUSES}
             _record_run(out, run, private)
-            clean_work(Path(out))
+            # Keep this run's closed gate until its cluster is gone (tasks may still be running);
+            # process_archive sweeps the rest then.
+            clean_work(Path(out), keep_run=run_id)
             progress.emit("finished", run)
     if stop:
         raise RunInterrupted(stop.signum)
@@ -267,9 +269,10 @@ def _drive(plans: list[dict[str, Any]], run: dict[str, Any], out: str, cfg: Conf
             with _annotate(gpu):
                 submit(study, "filter", filter_.submit(key, r["ingest"], study.staging, config))
                 # One infer task per model whose domain the study is in; the others are reported
-                # as not applicable, with the reason, without a task.
+                # as not applicable, with the reason, without a task. A disabled model keeps its
+                # (instant) task, as before domains, so runs look the same with inference off.
                 for m in planned:
-                    if m["applicable"]:
+                    if m["applicable"] or not m["enabled"]:
                         submit(study, f"infer:{m['name']}",
                                infer.submit(key, r["ingest"], study.staging, config, m["name"], facts))
                     else:
@@ -295,12 +298,14 @@ def _drive(plans: list[dict[str, Any]], run: dict[str, Any], out: str, cfg: Conf
         fut.wait()  # the final state comes with the Dask result; the API may still say RUNNING
         state = fut.state
         if stage == "report":
-            from medpipe.report.record import model_outcomes
+            from medpipe.report.record import model_outcomes, with_infer_timing
 
             entry = fut.result() if state.is_completed() else _report_failed(study, state, layout)
             outcomes = model_outcomes(study.results, study.errors)
             if outcomes:  # each model's label and score, or why it did not apply
                 entry["models"] = outcomes
+            if isinstance(entry.get("timings"), dict):
+                entry["timings"] = with_infer_timing(entry["timings"])
             record(entry)
             reported += 1
             if bar is not None:
