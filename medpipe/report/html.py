@@ -80,7 +80,8 @@ def render_study_html(record: dict[str, Any], figures: StudyFigures | None = Non
         num_cols=num_cols,
         chart=Markup(score_chart_svg(scores)) if scores else "",
         findings=key_findings(record),
-        total_seconds=sum(record.get("timings", {}).values()),
+        # per-model times (infer:<name>) are inside `infer`, the stage's wall time
+        total_seconds=sum(v for k, v in record.get("timings", {}).items() if not k.startswith("infer:")),
         config_json=json.dumps(record["provenance"].get("config") or {}, indent=2, sort_keys=True),
     )
 
