@@ -156,8 +156,29 @@ def test_rerun_skips_unchanged_and_keeps_outputs(first_run: dict, archive: dict)
 
 
 def test_model_skips_slices_outside_its_domain(first_run: dict, archive: dict) -> None:
-    """pydicom's CT_small is a 50 mm crop: the phantom-trained model must not score it."""
+    """pydicom's CT_small is one slice, a 85 mm crop without BodyPartExamined: the chest-CT
+    phantom model must not score it, and says why, in report.json and run.json."""
     small = next(s for s in archive["summary"]["studies"] if s["name"] == "CT_small")
     report = json.loads((first_run["out"] / "studies" / small["study_key"] / "report.json").read_text())
-    assert "outside the model's domain" in report["model"]["skipped"]
+    reason = report["model"]["skipped"]
+    assert reason.startswith("outside model medpipe-lesion-slice-cnn's domain: ")
+    assert "no BodyPartExamined" in reason and "1 slice(s), fewer than 16" in reason
     assert not report["model"].get("outputs", {}).get("study_label")
+    (model,) = report["models"]
+    assert model["applicable"] is False and model["outputs"] is None and model["reason"] == reason
+    entry = next(s for s in first_run["run"]["studies"] if s["study_key"] == small["study_key"])
+    assert entry["models"] == {"medpipe-lesion-slice-cnn": {"applicable": False, "reason": reason}}
+
+
+def test_each_study_says_which_model_ran(first_run: dict, archive: dict) -> None:
+    """The chest CT phantom runs the default model; the brain MR and the radiograph do not."""
+    by_name = {s["name"]: s["study_key"] for s in archive["summary"]["studies"]}
+    entries = {s["study_key"]: s for s in first_run["run"]["studies"]}
+    chest = entries[by_name["phantom_ct"]]["models"]["medpipe-lesion-slice-cnn"]
+    assert chest["applicable"] is True and chest["label"] == "lesion" and chest["score"] >= 0.5
+    for name in ("brain_mr", "RG3_J2KR", "emri_small"):
+        outcome = entries[by_name[name]]["models"]["medpipe-lesion-slice-cnn"]
+        assert outcome["applicable"] is False and "is not covered (covers CT)" in outcome["reason"], name
+    report = json.loads((first_run["out"] / "studies" / by_name["phantom_ct"] / "report.json").read_text())
+    assert report["models"][0]["applicable"] is True and "body part CHEST" in report["models"][0]["reason"]
+    assert "infer" in report["timings"] and "infer:medpipe-lesion-slice-cnn" in report["timings"]
