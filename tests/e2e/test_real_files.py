@@ -13,7 +13,7 @@ Every file must be accounted for, and each gets the outcome a careful user would
 The subset (20 of about 90 candidate files): every distinct vendor, modality, transfer syntax and
 object kind once, leaving out what only repeats a case at a higher cost (pydicom-data's
 120-frame colour ultrasound alone took a minute of worker time; the 896 x 896 Siemens DWI
-mosaics repeat nibabel's smaller ones). The run takes about 1.5 minutes on two cores.
+mosaics repeat nibabel's smaller ones). The run takes 1.5 to 2.5 minutes on two shared cores.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ FILES = [
     RealFile("nibabel", "csa_slice_norm.dcm", "siemens/csa/csa.dcm", ISSUE, "image object without pixel data"),
     RealFile("nibabel", "decimal_rescale.dcm", "siemens/rescale/r.dcm", ISSUE,
              "without StudyInstanceUID/SeriesInstanceUID"),  # nibabel stripped its UIDs
-    RealFile("nibabel", "philips_mprage.dcm.gz", "philips/mprage.dcm", OK),  # enhanced MR, 176 frames
+    RealFile("nibabel", "philips_mprage.dcm.gz", "philips/mprage.dcm", OK),  # enhanced MR, 176 frames (blanked)
     RealFile("nibabel", "siemens_dwi_0.dcm.gz", "left-compressed/siemens_dwi_0.dcm.gz", ISSUE, "not a DICOM file"),
     # pynetdicom 3.0: the same GE CT slice twice, once with a file meta that lies about its syntax
     RealFile("pynetdicom", "CTImageStorage.dcm", "ge-ct/CTImageStorage.dcm", OK, "dropped 1 duplicate instance"),
@@ -207,4 +207,12 @@ def test_no_archive_path_in_the_public_record(run: dict[str, Any]) -> None:
                                        "(NumberOfImagesInMosaic is in the private CSA header)")
 def test_siemens_mosaic_unpacked_into_slices(run: dict[str, Any]) -> None:
     volume, _ = _volume(run, "siemens/dti/0.dcm")
-    assert volume.shape[1:] != (256, 256)  # 4 x 4 tiles of 64 x 64
+    assert volume.shape[0] >= 48  # 48 slices tiled in each 256 x 256 mosaic
+
+
+@pytest.mark.xfail(strict=True, reason="highdicom 0.28 takes PixelMeasuresSequence from the shared functional "
+                                       "groups only; Philips (and Siemens XA) enhanced MR keep it per frame, so "
+                                       "medpipe/report/dicom.py build_seg fails: 'no attribute PixelMeasuresSequence'")
+def test_seg_written_for_enhanced_mr_with_per_frame_pixel_measures(run: dict[str, Any]) -> None:
+    key = study_key(str(header(run["root"] / "philips/mprage.dcm").StudyInstanceUID))
+    assert "seg" in run["studies"][key]["files"], report(run, key)["warnings"]
