@@ -70,7 +70,7 @@ def prefect_api(prefect_server_url: str, prefect_auth: str, monkeypatch: pytest.
 
 # --------------------------------------------------------------------------- small archives
 def _write_archive(dest: Path, n_studies: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Write ``n_studies`` small CT phantom studies (16 x 64 x 64) under ``dest``.
+    """Write ``n_studies`` small chest CT phantom studies (16 x 64 x 64) under ``dest``.
 
     Returns ``{"root": dest, "studies": {study_key: folder}}``.
     """
@@ -85,7 +85,8 @@ def _write_archive(dest: Path, n_studies: int = 2, seed: int = 0) -> dict[str, A
         folder = dest / f"patient-{seed}-{i}" / "ct"
         write_series(ph.hu, ph.spacing, folder, modality="CT", study_uid=uid,
                      series_uid=stable_uid("medpipe-test-flows-series", seed, i),
-                     patient_id=f"TEST-{seed}-{i}", intercept=-1024.0, series_description="CHEST")
+                     patient_id=f"TEST-{seed}-{i}", intercept=-1024.0, series_description="CHEST",
+                     BodyPartExamined="CHEST")  # the default model's domain: chest CT
         studies[study_key(uid)] = folder
     return {"root": dest, "studies": studies}
 
