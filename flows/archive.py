@@ -182,8 +182,8 @@ def _record_run(out: str, run: dict[str, Any], private: list[dict[str, Any]]) ->
     problems = write_run_record(out, run)
     for p in problems:
         log.error("run record: %s", p)
-    try:
-        append_log(out, run["run_id"], private)
+    try:  # a file of a processed study is named by discovery and by its study's report: once here
+        append_log(out, run["run_id"], list({(e["file_id"], e["reason"]): e for e in private}.values()))
     except OSError as exc:
         log.error("operator's log %s: %s", Path(out) / "private", exc)
     try:
