@@ -107,3 +107,22 @@ def test_config_import_does_not_load_the_operators() -> None:
     code = "import sys, medpipe.config; print('medpipe.ops' in sys.modules, 'dask.array' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "cluster.workers"),
+    (["--config", "BAD"], "filters.pipelines.CT[0]: unknown operator 'medain'"),
+])
+def test_the_cli_refuses_a_bad_configuration_before_starting_anything(tmp_path, capsys, args, message) -> None:
+    """Exit 2 naming the setting: no server, no cluster, nothing written."""
+    from flows.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("filters:\n  pipelines:\n    CT: [{op: medain}]\n")
+    args = [str(bad) if a == "BAD" else a for a in args]
+    (tmp_path / "archive").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(tmp_path / "archive"), "--out", str(tmp_path / "out"), *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
