@@ -6,8 +6,13 @@ Public API
 ----------
 validate_model(mcfg) -> ModelInfo
     Check the configured model before a run (missing, corrupt, wrong shape -> ModelError).
-infer_study(study_dir, modality, cfg) -> dict
-    Scores, study label, flags and saliency PNGs of one study.
+infer_study(study_dir, modality, cfg, model=None, facts=None) -> dict
+    Scores, study label, flags and saliency PNGs of one study by one configured model, or
+    "not applicable" and why when the study is outside the model's domain.
+plan_models(cfg, facts) -> list[dict]
+    Which configured models apply to a study (from its plan's facts), and why (not).
+Domain, Facts, match(domain, facts) -> (bool, str)
+    What a model applies to, what a study is, and whether the one holds the other.
 train_default(out_dir, ...) -> dict
     Train the default lesion/no-lesion slice classifier and write its model card.
 evaluate_archive(archive, labels_file, out_dir, cfg) -> dict
@@ -19,11 +24,13 @@ configure_gpu() -> list[str]
 from .model import (
     DEFAULT_MODEL, ModelInfo, configure_gpu, configure_threads, load_count, resolve_model, validate_model,
 )
-from .stage import infer_study, study_score
+from .domain import Domain, Facts, match
+from .stage import infer_study, plan_models, study_score
 
 __all__ = [
-    "DEFAULT_MODEL", "ModelInfo", "configure_gpu", "configure_threads", "evaluate_archive", "infer_study", "load_count",
-    "make_labelled_volumes", "resolve_model", "study_score", "train_default", "validate_model",
+    "DEFAULT_MODEL", "Domain", "Facts", "ModelInfo", "configure_gpu", "configure_threads", "evaluate_archive",
+    "infer_study", "load_count", "make_labelled_volumes", "match", "plan_models", "resolve_model", "study_score",
+    "train_default", "validate_model",
 ]
 
 
