@@ -141,11 +141,12 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
     with run_lock(Path(out)), stop.installed():
         clean_work(Path(out))
         gate = layout.work / run_id
-        gate.mkdir(parents=True, exist_ok=True)
-        redactor = PathRedactor.for_output(out, archive)
+        redactor = PathRedactor(b"", archive)  # replaced by the keyed one below; a full disk may refuse the key
         private: list[dict[str, Any]] = []
-        write_run_record(out, run)  # from now on, run.json is this run's
+        write_run_record(out, run)  # from now on, run.json is this run's (also on a full disk)
         try:
+            gate.mkdir(parents=True, exist_ok=True)
+            redactor = PathRedactor.for_output(out, archive)
             model = check_model.submit(config).result() if cfg.model.enabled else None
             run["model"] = model
             found = stages.discover.submit(archive, config).result()

@@ -104,8 +104,11 @@ def run_lock(out: Path) -> Iterator[None]:
             ) from None
         layout.lock.unlink(missing_ok=True)  # stale: its process is gone
         fd = os.open(layout.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+    except OSError:  # a full disk: the lock is held by the file's existence; an empty one reads as stale
+        pass
     try:
         yield
     finally:
