@@ -59,6 +59,7 @@ from ..omezarr import choose_chunks, create_image, create_levels, downsample, py
 from .checks import MAX_VOXELS, header_claim_problem
 from .deid import source_facts
 from .geometry import Frame, build_geometry, frames_from_columns, read_frames
+from .mosaic import Mosaic, tile_frames
 from .plan import StudyPlan
 from .scan import pixels_in
 
@@ -152,10 +153,13 @@ def decode_stored(ds: pydicom.Dataset | None, frame: Frame, out: np.ndarray | No
         if ds is None:
             ds = _read_pixels(frame.path, frame, max_series_voxels)
         if frame.index is None:
-            arr = ds.pixel_array
+            arr = ds.pixel_array  # pydicom keeps it: the tiles of a mosaic decode it once
         else:
             arr = pydicom.pixels.pixel_array(ds, index=frame.index)
         arr = np.asarray(arr)
+        if frame.tile is not None:  # a slice of a Siemens mosaic: its tile of the montage
+            top, left = frame.tile[:2]
+            arr = arr[top : top + frame.rows, left : left + frame.columns]
         if _is_palette(ds):  # stored values are indices into the file's colour table, not intensities
             arr = pydicom.pixels.apply_color_lut(arr, ds)
         if frame.samples > 1 or arr.ndim == 3:  # RGB (pydicom converts YBR to RGB): one grey channel, BT.601 luma
@@ -224,11 +228,12 @@ def _read_pixels(path: str, frame: Frame | None = None, max_series_voxels: int =
         raise InputError(path, f"{problem} (the file changed since the scan)" if frame else problem)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     samples, n = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("NumberOfFrames", 1) or 1)
-    if frame is not None and ((rows, cols, samples) != (frame.rows, frame.columns, frame.samples)
-                              or (frame.index or 0) >= n):
-        raise InputError(path, f"header claims {rows} x {cols} x {n} x {samples} sample(s), the scan found "
-                               f"{frame.rows} x {frame.columns} (frame {frame.index or 0}) x {frame.samples}: "
-                               "the file changed since the scan")
+    if frame is not None:
+        found = frame.tile[2:] if frame.tile is not None else (frame.rows, frame.columns)  # a tile: its montage
+        if (rows, cols, samples) != (*found, frame.samples) or (frame.index or 0) >= n:
+            raise InputError(path, f"header claims {rows} x {cols} x {n} x {samples} sample(s), the scan found "
+                                   f"{found[0]} x {found[1]} (frame {frame.index or 0}) x {frame.samples}: "
+                                   "the file changed since the scan")
     return ds
 
 
@@ -338,7 +343,16 @@ def _write_volume(image_path: Path, geo: Any, dtype: np.dtype, cfg: IngestConfig
 
 def _study_frames(plan: StudyPlan, cfg: IngestConfig) -> tuple[list[Frame], list[str], list[dict[str, Any]]]:
     """The frames of the plan's files, and the warnings and issues of ``ingest.on_nonfinite``
-    about rescale values (per frame in enhanced objects, which the scan does not parse)."""
+    about rescale values (per frame in enhanced objects, which the scan does not parse). A
+    Siemens mosaic (``plan.mosaic``) is one file whose frame is cut into its tiles' slices."""
+    frames, warnings, issues = _file_frames(plan, cfg)
+    if plan.mosaic and len(frames) == 1:
+        frames = tile_frames(frames[0], Mosaic.from_dict(plan.mosaic))
+    return frames, warnings, issues
+
+
+def _file_frames(plan: StudyPlan, cfg: IngestConfig) -> tuple[list[Frame], list[str], list[dict[str, Any]]]:
+    """The frames of the plan's files as stored (see :func:`_study_frames`)."""
     if plan.headers and len(plan.headers.get("rows", ())) == len(plan.files):
         return frames_from_columns(plan.files, plan.headers), [], []
     frames: list[Frame] = []

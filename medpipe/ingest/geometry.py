@@ -44,6 +44,9 @@ class Frame:
     spacing_between: float | None = None  # SpacingBetweenSlices, for frames without positions
     raw: tuple[int, int, int, int] | None = None  # (offset, BitsAllocated, BitsStored, PixelRepresentation)
     floats: bool = False  # float pixel data (may hold NaN/Inf; never stored as int16)
+    # A slice of a Siemens mosaic (.mosaic): (top, left) of its tile and (rows, columns) of the
+    # whole montage, which is decoded and cut; rows and columns above are the tile's.
+    tile: tuple[int, int, int, int] | None = None
 
 
 def frames_from_columns(files: list[str], cols: dict[str, list[Any]]) -> list[Frame]:

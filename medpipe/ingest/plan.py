@@ -19,6 +19,7 @@ from ..config import IngestConfig
 from ..keys import study_key as make_study_key
 from ..keys import uid_key
 from .deid import clean_description
+from .mosaic import plan_mosaic
 from .scan import FileIssue, Instance, ScanResult, pixel_digest
 
 NON_IMAGE_MODALITIES = {
@@ -55,6 +56,9 @@ class StudyPlan:
     photometric: str = ""
     plane: str | None = None
     field_of_view_mm: list[float] | None = None
+    # A Siemens MOSAIC: how to cut ``files[0]`` (its only file) into slices
+    # (:class:`~medpipe.ingest.mosaic.Mosaic` as a dict); None for every other series.
+    mosaic: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +90,7 @@ class _Series:
     uid: str
     instances: list[Instance]
     warnings: list[str] = field(default_factory=list)
+    mosaic: dict[str, Any] | None = None  # Siemens MOSAIC unpacked: its one file's tiles are the slices
 
     @property
     def first(self) -> Instance:
@@ -93,6 +98,8 @@ class _Series:
 
     @property
     def n_slices(self) -> int:
+        if self.mosaic:
+            return int(self.mosaic["n_images"])
         return sum(i.n_frames for i in self.instances)
 
     @property
@@ -203,6 +210,7 @@ def plan_study(study_uid: str, instances: list[Instance], issues: list[FileIssue
             if n_loc:
                 series.instances = [i for i in series.instances if not i.is_localizer]
                 series.warnings.append(f"removed {n_loc} localizer image(s) mixed into the series")
+        _unpack_mosaic(series)
         reason = _unusable(series, cfg)
         if reason:
             skipped.append({**_describe(series, cfg), "reason": reason})
@@ -237,7 +245,7 @@ def plan_study(study_uid: str, instances: list[Instance], issues: list[FileIssue
         n_slices=chosen.n_slices,
         selected_because=because,
         skipped=skipped,
-        warnings=warnings + chosen.warnings + _mosaic_warning(chosen.instances) + [
+        warnings=warnings + chosen.warnings + [
             f"{i.path}: {i.value_warning}; its voxels set to 0 (ingest.on_nonfinite=warn)"
             for i in chosen.instances if i.value_warning],
         issues=issue_dicts,
@@ -245,23 +253,30 @@ def plan_study(study_uid: str, instances: list[Instance], issues: list[FileIssue
         body_part=chosen.first.body_part,
         photometric=chosen.first.photometric,
         plane=plane_of(chosen.first.orientation),
-        field_of_view_mm=_field_of_view(chosen.first),
+        field_of_view_mm=_field_of_view(chosen.first, chosen.mosaic),
+        mosaic=chosen.mosaic,
     )
 
 
-def _mosaic_warning(instances: list[Instance]) -> list[str]:
-    """Siemens MOSAIC images tile a volume's slices in one frame; medpipe does not unpack them,
-    so the user is told that the image is a 2-D montage rather than slices."""
-    n = sum("MOSAIC" in i.image_type for i in instances)
-    return [f"{n} Siemens MOSAIC image(s): slices tiled in one frame, processed as 2-D montages "
-            "(not unpacked into a volume)"] if n else []
+def _unpack_mosaic(series: _Series) -> None:
+    """Siemens MOSAIC images tile a volume's slices in one frame: a series of them becomes its
+    first file's slices (each file is a volume: a time point or diffusion direction), or stays
+    2-D montages when that file cannot be unpacked; warnings say which and why
+    (:func:`~medpipe.ingest.mosaic.plan_mosaic`). Other series: one ImageType look per file."""
+    if not any("MOSAIC" in i.image_type for i in series.instances):
+        return
+    series.instances, mosaic, notes = plan_mosaic(series.instances)
+    series.mosaic = mosaic.to_dict() if mosaic is not None else None
+    series.warnings.extend(notes)
 
 
-def _field_of_view(inst: Instance) -> list[float] | None:
-    """In-plane extent in mm (rows x row spacing, columns x column spacing), None without spacing."""
-    if not inst.pixel_spacing or min(inst.pixel_spacing) <= 0 or not inst.rows or not inst.columns:
+def _field_of_view(inst: Instance, mosaic: dict[str, Any] | None = None) -> list[float] | None:
+    """In-plane extent in mm (rows x row spacing, columns x column spacing; a mosaic's: its tile's),
+    None without spacing."""
+    rows, columns = (mosaic["tile_rows"], mosaic["tile_columns"]) if mosaic else (inst.rows, inst.columns)
+    if not inst.pixel_spacing or min(inst.pixel_spacing) <= 0 or not rows or not columns:
         return None  # no spacing, or one that is not positive (radiographs with 0\\0)
-    return [round(inst.rows * inst.pixel_spacing[0], 2), round(inst.columns * inst.pixel_spacing[1], 2)]
+    return [round(rows * inst.pixel_spacing[0], 2), round(columns * inst.pixel_spacing[1], 2)]
 
 
 HEADER_COLUMNS = ("rows", "columns", "samples_per_pixel", "rescale", "position", "orientation", "pixel_spacing",
