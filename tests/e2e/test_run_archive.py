@@ -85,7 +85,10 @@ def test_run_json_contract(first_run: dict, archive: dict) -> None:
     assert "decode" in statuses[archive["broken_key"]]["error"].lower()
     ok = [s for s in run["studies"] if s["study_key"] != archive["broken_key"]]
     assert all(s["status"] == "ok" and s["output"] == f"studies/{s['study_key']}" for s in ok), ok
-    assert any("notes.txt" in i["path"] for i in run["issues"])  # a non-DICOM file is explained
+    # A non-DICOM file is explained; run.json names it by a token, the operator's log by its path.
+    (issue,) = [i for i in run["issues"] if i["reason"].startswith("not a DICOM file")]
+    log = [json.loads(line) for line in (first_run["out"] / "private" / "file-issues.jsonl").read_text().splitlines()]
+    assert any(e["file_id"] == issue["file_id"] and e["path"] == "notes.txt" for e in log)
     assert (first_run["out"] / "run.html").is_file()
     assert not (first_run["out"] / ".work").exists() or not any((first_run["out"] / ".work").iterdir())
 
