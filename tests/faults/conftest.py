@@ -18,14 +18,9 @@ from faults_helpers import RunProcess
 
 
 @pytest.fixture(scope="session")
-def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """PREFECT_API_URL and PREFECT_API_AUTH_STRING of a server shared by the fault tests."""
-    from flows.server import auth_string, prefect_server
-
-    home = tmp_path_factory.mktemp("prefect-faults")
-    auth = auth_string(home)
-    with prefect_server(home, auth=auth) as url:
-        yield {"PREFECT_API_URL": url, "PREFECT_API_AUTH_STRING": auth}
+def prefect_env(prefect_server_url: str, prefect_auth: str) -> dict[str, str]:
+    """What a ``medpipe run`` process needs to use the session's Prefect server."""
+    return {"PREFECT_API_URL": prefect_server_url, "PREFECT_API_AUTH_STRING": prefect_auth}
 
 
 @pytest.fixture

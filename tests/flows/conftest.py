@@ -1,7 +1,7 @@
 """Fixtures of the end-to-end flow tests: one real Prefect server, small archives, `medpipe serve`.
 
-The server is a real ``prefect server start`` on loopback (SQLite, with the UI), started once per
-test session by :func:`flows.server.prefect_server`, with basic auth as always. Every process of a
+The server is a real ``prefect server start`` on loopback (SQLite, with the UI, basic auth as
+always), started once per test session (tests/conftest.py, shared with tests/faults). Every process of a
 test (this one, the ``medpipe serve`` subprocess, the flow runs it starts, Dask workers) gets its
 ``PREFECT_API_URL`` and ``PREFECT_API_AUTH_STRING``; nothing starts a temporary server of its own.
 """
@@ -24,48 +24,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-# --------------------------------------------------------------------------- the Prefect server
-@pytest.fixture(scope="session")
-def prefect_server_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """PREFECT_HOME of the session's server (its generated ``auth-string`` lives there)."""
-    return tmp_path_factory.mktemp("prefect-home")
-
-
-@pytest.fixture(scope="session")
-def prefect_auth(prefect_server_home: Path) -> str:
-    """The ``user:password`` string the session's server requires (made in its home, 0600)."""
-    from flows.server import auth_string
-
-    return auth_string(prefect_server_home)
-
-
-@pytest.fixture(scope="session")
-def prefect_server_url(prefect_server_home: Path, prefect_auth: str) -> Iterator[str]:
-    """API URL of a `prefect server start` (loopback, SQLite, UI on, basic auth) shared by the session."""
-    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
-
-    from flows.server import _flush_logs, prefect_server
-
-    with prefect_server(prefect_server_home, ui=True, auth=prefect_auth) as url:
-        try:
-            yield url
-        finally:
-            # Send this process's queued logs while the server still answers (with the auth string).
-            with temporary_settings(updates={PREFECT_API_AUTH_STRING: prefect_auth}):
-                _flush_logs()
-
-
-@pytest.fixture
-def prefect_api(prefect_server_url: str, prefect_auth: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The session server's API URL and auth string, set for this process and every process it starts."""
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-    monkeypatch.setenv("PREFECT_API_URL", prefect_server_url)
-    monkeypatch.setenv("PREFECT_API_AUTH_STRING", prefect_auth)
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server_url, PREFECT_API_AUTH_STRING: prefect_auth}):
-        yield prefect_server_url
 
 
 # --------------------------------------------------------------------------- small archives
