@@ -68,7 +68,7 @@ class RunProcess:
 
     def workers(self) -> list[psutil.Process]:
         """The Dask worker processes alive now."""
-        return [p for p in self.family.values() if _alive(p) and "spawn_main" in _cmdline(p)]
+        return [p for p in self.family.values() if alive(p) and "spawn_main" in cmdline(p)]
 
     def wait_for(self, predicate, what: str, timeout: float = RUN_TIMEOUT_S) -> Any:
         deadline = time.monotonic() + timeout
@@ -105,12 +105,12 @@ class RunProcess:
     def assert_no_process_left(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            left = [p for p in self.family.values() if _alive(p)]
+            left = [p for p in self.family.values() if alive(p)]
             if not left or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
         if left:
-            names = [f"{p.pid} {_cmdline(p)[:80]}" for p in left]
+            names = [f"{p.pid} {cmdline(p)[:80]}" for p in left]
             self.stop()
             pytest.fail(f"processes left behind by the run: {names}")
 
@@ -118,14 +118,14 @@ class RunProcess:
         return self.log.read_text(errors="replace")[-n:]
 
 
-def _alive(p: psutil.Process) -> bool:
+def alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
 
-def _cmdline(p: psutil.Process) -> str:
+def cmdline(p: psutil.Process) -> str:
     try:
         return " ".join(p.cmdline())
     except psutil.Error:

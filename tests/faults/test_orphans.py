@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from faults_helpers import alive, cmdline, write_archive
 
 pytestmark = pytest.mark.slow
 
@@ -36,34 +37,6 @@ GONE_TIMEOUT_S = 20.0
 # Settings that would point the run at another server or bound its output: not this test's.
 FOREIGN_ENV = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING",
                "MEDPIPE_ALLOWED_OUT_ROOTS")
-
-
-def write_archive(dest: Path, n_studies: int) -> Path:
-    """``n_studies`` small CT phantom studies (16 x 64 x 64), as tests/flows/conftest.py writes them."""
-    from medpipe.phantom import ct_phantom
-    from medpipe.sample import stable_uid, write_series
-
-    for i in range(n_studies):
-        ph = ct_phantom(shape=(16, 64, 64), n_lesions=1, seed=i)
-        write_series(ph.hu, ph.spacing, dest / f"patient-{i}" / "ct", modality="CT",
-                     study_uid=stable_uid("medpipe-test-orphans", i),
-                     series_uid=stable_uid("medpipe-test-orphans-series", i),
-                     patient_id=f"ORPHAN-{i}", intercept=-1024.0, series_description="CHEST")
-    return dest
-
-
-def alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def cmdline(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline())
-    except psutil.Error:
-        return "?"
 
 
 def port_open(port: int) -> bool:
@@ -126,7 +99,8 @@ def wait_until_up(proc: subprocess.Popen, log: Path, workers: int) -> tuple[psut
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_killed_run_leaves_no_process_and_no_open_port(tmp_path: Path, sig: int) -> None:
-    archive = write_archive(tmp_path / "archive", 4)
+    archive = tmp_path / "archive"
+    write_archive(archive, 4)
     log = tmp_path / "run.log"
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
     env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp_path))
@@ -161,7 +135,8 @@ def test_a_killed_serve_takes_its_server_and_running_flow_run_along(tmp_path: Pa
 
     from flows.server import free_port
 
-    archive = write_archive(tmp_path / "archive", 4)
+    archive = tmp_path / "archive"
+    write_archive(archive, 4)
     home, port, log = tmp_path / "prefect-home", free_port(), tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
     env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", MEDPIPE_PREFECT_HOME=str(home),
