@@ -91,12 +91,11 @@ class PathRedactor:
 
     def text(self, s: str, known: Iterable[str] = ()) -> str:
         """``s`` with every known path, then any path under the archive root, replaced by its token."""
-        if not isinstance(s, str) or not s:
+        if not isinstance(s, str) or self.root not in s:  # archive paths are absolute, under the root
             return s
-        for p in sorted({str(k) for k in known if k}, key=len, reverse=True):
-            if p in s:
-                s = s.replace(p, self.token(p))
-        return self._prefix.sub(lambda m: self.token(m.group(0)), s) if self.root in s else s
+        for p in sorted({str(k) for k in known if k and str(k) in s}, key=len, reverse=True):
+            s = s.replace(p, self.token(p))
+        return self._prefix.sub(lambda m: self.token(m.group(0)), s)
 
     def issue(self, issue: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(public, private)`` forms of a file issue ``{"path", "reason", ...}``.
