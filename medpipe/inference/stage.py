@@ -231,10 +231,6 @@ def _check_shape(study_key: str, image_path: Path, meta: omezarr.ImageMeta) -> o
     return meta
 
 
-def _check_image(study_key: str, image_path: Path) -> omezarr.ImageMeta:
-    return _check_shape(study_key, image_path, _read_meta(study_key, image_path))
-
-
 # Facts only a header tells; without header facts (facts=None) their rules are not applied.
 HEADER_FACTS = ["body_part", "orientation", "photometric", "series_description"]
 

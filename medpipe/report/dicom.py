@@ -7,9 +7,10 @@ Both reference the source series, so a PACS can store them beside the study.
 
 Every processed study gets an SR: each model's result (positive, negative or not applicable) is a
 qualitative evaluation in a measurement group of its own, so a study without any measurement still
-has the one measurement group TID 1500 requires. Sources may be single-frame series (axial, oblique, tilted), one multi-frame
-image (frames matched through its functional groups) or one 2-D image without patient geometry
-(CR, DX, US, secondary capture); direction cosines are normalised before highdicom copies them.
+has the one measurement group TID 1500 requires. Sources may be single-frame series (axial,
+oblique, tilted), one multi-frame image (frames matched through its functional groups) or one
+2-D image without patient geometry (CR, DX, US, secondary capture); direction cosines are
+normalised before highdicom copies them.
 
 highdicom copies the patient and study modules from the source images. Unless
 ``cfg.report.include_patient_identity`` is on, they are first replaced with anonymous values

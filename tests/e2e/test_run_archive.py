@@ -185,3 +185,63 @@ def test_each_study_says_which_model_ran(first_run: dict, archive: dict) -> None
     report = json.loads((first_run["out"] / "studies" / by_name["phantom_ct"] / "report.json").read_text())
     assert report["models"][0]["applicable"] is True and "body part CHEST" in report["models"][0]["reason"]
     assert "infer" in report["timings"] and "infer:medpipe-lesion-slice-cnn" in report["timings"]
+
+
+def _tiny_keras(path: Path) -> None:
+    """A small untrained slice classifier (32x32x1 -> 1): a second model that covers CT and MR."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((32, 32, 1))
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, padding="same")(inp))
+    keras.Model(inp, layers.Dense(1, activation="sigmoid")(x)).save(path)
+
+
+def test_two_models_run_side_by_side(archive: dict, tmp_path: Path) -> None:
+    """`models:` with two entries through the real CLI: one infer task per (study, matching
+    model), one result per model in run.json, report.json and the SR; `medpipe plan` agrees."""
+    import highdicom as hd
+
+    by_name = {s["name"]: s for s in archive["summary"]["studies"]}
+    root = tmp_path / "archive"
+    for name in ("phantom_ct", "brain_mr"):
+        shutil.copytree(archive["root"] / by_name[name]["folder"], root / name)
+    _tiny_keras(tmp_path / "tiny.keras")
+    config = tmp_path / "two.yaml"
+    config.write_text(f"""
+models:
+  - name: chest
+  - name: tiny
+    path: {tmp_path / "tiny.keras"}
+    input_size: 32
+    saliency_slices: 1
+    domain: {{modalities: [CT, MR], min_slices: 4}}
+report: {{html: false, dicom_seg: false}}
+""")
+    plan = medpipe("plan", str(root), "--config", str(config))
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.count("model chest: RUN") == 1 and plan.stdout.count("model tiny: RUN") == 2
+    assert "model chest: NOT APPLICABLE (modality MR is not covered (covers CT); body part HEAD" in plan.stdout
+
+    out = tmp_path / "out"
+    done = medpipe("run", str(root), "--out", str(out), "--workers", "2", "--config", str(config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert [m["name"] for m in run["model"]["models"]] == ["chest", "tiny"]
+    entries = {s["study_key"]: s for s in run["studies"]}
+    ct, mr = (entries[by_name[n]["study_key"]] for n in ("phantom_ct", "brain_mr"))
+    assert ct["models"]["chest"]["label"] == "lesion" and ct["models"]["tiny"]["applicable"] is True
+    assert mr["models"]["chest"]["applicable"] is False and mr["models"]["tiny"]["applicable"] is True
+    assert "chest: not applicable" in mr["findings"] and "tiny: " in mr["findings"]
+
+    report = json.loads((out / "studies" / ct["study_key"] / "report.json").read_text())
+    assert [(m["name"], m["applicable"]) for m in report["models"]] == [("chest", True), ("tiny", True)]
+    assert {"infer", "infer:chest", "infer:tiny"} <= set(report["timings"])
+    assert report["models"][1]["saliency"][0]["png"].startswith("saliency/tiny/")
+    assert (out / "studies" / ct["study_key"] / report["models"][1]["saliency"][0]["png"]).is_file()
+    sr = hd.sr.srread(out / "studies" / mr["study_key"] / "sr.dcm")
+    # Without a SEG the label volumes are image measurement groups too ("label N: name").
+    groups = [g for g in sr.content.get_image_measurement_groups() if not g.tracking_identifier.startswith("label ")]
+    assert sorted(g.tracking_identifier.split(":")[0] for g in groups) == ["chest", "tiny"]
+    assert all(len(g.get_qualitative_evaluations()) == 1 for g in groups)

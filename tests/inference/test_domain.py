@@ -62,7 +62,8 @@ def test_min_slices_and_fov_bounds_are_inclusive_and_description_is_case_insensi
 
 @pytest.mark.parametrize("rule, missing, reason", [
     ({"body_parts": ["CHEST"]}, "body_part", "no BodyPartExamined (body part unknown, the model needs CHEST)"),
-    ({"orientation": "axial"}, "orientation", "no ImageOrientationPatient (orientation unknown, the model needs axial)"),
+    ({"orientation": "axial"}, "orientation",
+     "no ImageOrientationPatient (orientation unknown, the model needs axial)"),
     ({"field_of_view_mm": [128, 600]}, "field_of_view_mm",
      "no pixel spacing (field of view unknown, the model needs 128-600 mm)"),
     ({"photometric": ["MONOCHROME2"]}, "photometric",
