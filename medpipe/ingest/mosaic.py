@@ -6,7 +6,9 @@ per column, in slice order row by row. ImagePositionPatient is that of the whole
 first slice's position is corrected by half the montage's extra size, and the slices follow
 along the CSA's SliceNormalVector, ``SpacingBetweenSlices`` apart (else SliceThickness). nibabel
 (``nibabel.nicom``) does the CSA parsing and the geometry (:class:`MosaicWrapper`, as dcm2niix
-does); this module only checks what it says and turns it into medpipe's frames.
+does); this module only checks what it says and turns it into medpipe's frames. Those are then
+sorted along ImageOrientationPatient's normal like any series' slices: where the CSA normal points
+the other way, the volume's slice axis is nibabel's reversed (the same voxels in patient space).
 
 Only images whose ImageType says MOSAIC are looked at, and only one header per series is read
 (while planning): other files cost nothing. An image that says MOSAIC but cannot be unpacked

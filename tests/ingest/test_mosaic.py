@@ -185,3 +185,27 @@ def test_ordinary_files_pay_nothing(tmp_path):
             "print(sorted(m for m in sys.modules if m.startswith('nibabel')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "nibabel.nicom" not in out, out
+
+
+def test_csa_normal_against_the_orientation_reverses_the_slices_not_the_geometry(tmp_path):
+    """Where the CSA's SliceNormalVector points against ImageOrientationPatient's normal, the tiles
+    run that way (nibabel's affine then steps along it); medpipe sorts slices along IOP's normal
+    like any series: its volume is nibabel's with the slice axis reversed, the same voxels in space."""
+    path = dwi_copy("siemens_dwi_0.dcm.gz", tmp_path / "archive" / "m.dcm")
+    ds = pydicom.dcmread(path)
+    value = ds[CSA_IMAGE].value
+    start = value.index(b"SliceNormalVector")
+    tail = value[start:].replace(b"0.00523632", b"-0.0052363", 1).replace(b"0.99998629", b"-0.9999863", 1)
+    ds[CSA_IMAGE].value = value[:start] + tail  # the same lengths: the CSA items stay valid
+    ds.save_as(path)
+    plans, results, _ = run_ingest(tmp_path / "archive", tmp_path / "out")
+    assert plans[0].n_slices == 48
+    volume, meta = load(tmp_path / "out", plans[0].study_key)
+    wrapper = nibabel_mosaic(path)
+    nib = lps_of_nibabel(wrapper.affine)
+    assert nib[2, 2] < 0  # nibabel steps against IOP's normal, as the CSA says
+    flipped = nib.copy()
+    flipped[:3, 2] = -nib[:3, 2]
+    flipped[:3, 3] = nib[:3, 3] + 47 * nib[:3, 2]
+    np.testing.assert_allclose(meta.affine, flipped, atol=1e-3)
+    np.testing.assert_array_equal(volume, wrapper.get_data().transpose(2, 0, 1)[::-1])
