@@ -69,9 +69,9 @@ class Mosaic:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Mosaic":
+        vector = lambda key: tuple(float(v) for v in d[key])  # noqa: E731
         return cls(int(d["n_images"]), int(d["tiles_per_row"]), int(d["tile_rows"]), int(d["tile_columns"]),
-                   tuple(float(v) for v in d["position"]), tuple(float(v) for v in d["normal"]),  # type: ignore[arg-type]
-                   float(d["slice_spacing"]))
+                   vector("position"), vector("normal"), float(d["slice_spacing"]))  # type: ignore[arg-type]
 
 
 def is_mosaic(image_type: tuple[str, ...]) -> bool:
@@ -104,7 +104,8 @@ def mosaic_of(ds: pydicom.Dataset) -> Mosaic:
     try:
         csa = csareader.get_csa_header(ds, "image")
     except Exception as exc:  # CSAReadError, struct.error on a truncated header, ...
-        raise MosaicError(f"Siemens CSA image header (0029,xx10) cannot be parsed: {type(exc).__name__}: {exc}") from None
+        raise MosaicError("Siemens CSA image header (0029,xx10) cannot be parsed: "
+                          f"{type(exc).__name__}: {exc}") from None
     if csa is None:
         raise MosaicError("no Siemens CSA image header (0029,xx10)")
     try:
@@ -174,7 +175,9 @@ def plan_mosaic(instances: list[Instance]) -> tuple[list[Instance], Mosaic | Non
     others = sorted((i for i in instances if i is not first),
                     key=lambda i: (i.instance_number is None, i.instance_number or 0, i.path))
     if others:
-        named = ", ".join(i.path for i in others[:SHOWN]) + (f" and {len(others) - SHOWN} more" if len(others) > SHOWN else "")
+        named = ", ".join(i.path for i in others[:SHOWN])
+        if len(others) > SHOWN:
+            named += f" and {len(others) - SHOWN} more"
         warnings_.append(
             f"Siemens MOSAIC series of {len(instances)} files (each a volume: a time point or diffusion direction): "
             f"the first by InstanceNumber ({first.path}) is the study's volume; {len(others)} later volume(s) not "
