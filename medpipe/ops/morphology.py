@@ -60,12 +60,88 @@ def binary_erosion(image: Any, structure: Any = None, iterations: int = 1) -> An
                          op="binary_erosion", structure=structure, iterations=iterations)
 
 
-def _hull_block(block: Any) -> Any:
-    from skimage.morphology import convex_hull_object
+def _hull_rows(vertices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per grid row ``m`` in ``rows``, the columns ``lo..hi`` of grid points in the closed
+    convex polygon ``vertices`` ((row, col), counterclockwise or clockwise) in exact integer
+    arithmetic (vertices are multiples of 1/2: doubled, they are integers).
 
+    A grid point is in the closed polygon iff it lies on the inner side of (or on) every
+    edge: for edge ``e`` from ``w``, ``e_r * (2n - w_c) - e_c * (2m - w_r) >= 0`` (counter-
+    clockwise), a bound on ``n`` of one sign per edge.
+
+    >>> square = np.array([[-0.5, -0.5], [1.5, -0.5], [1.5, 1.5], [-0.5, 1.5]])
+    >>> [v.tolist() for v in _hull_rows(square, np.arange(-1, 3))]
+    [[0, 0, 0, 0], [-1, 1, 1, -1]]
+    """
+    w = np.rint(vertices * 2).astype(np.int64)
+    if np.sum(w[:, 0] * np.roll(w[:, 1], -1) - np.roll(w[:, 0], -1) * w[:, 1]) < 0:
+        w = w[::-1]  # clockwise: walk the same polygon the other way round
+    e = np.roll(w, -1, axis=0) - w
+    q = 2 * np.asarray(rows, dtype=np.int64)[:, None]
+    # The edge condition is e_r * 2n >= bound, with bound = e_r * w_c + e_c * (2m - w_r).
+    bound = e[:, 0] * w[:, 1] + e[:, 1] * (q - w[:, 0])
+    er = e[:, 0]
+    step = np.where(er == 0, 1, 2 * np.abs(er))  # floor division by a positive number is exact
+    far = np.int64(2**40)
+    lower = np.where(er > 0, -((-bound) // step), -far)  # n >= ceil(bound / 2e_r)
+    upper = np.where(er < 0, (-bound) // step, far)  # n <= floor(-bound / -2e_r)
+    outside = ((er == 0) & (bound > 0)).any(axis=1)  # beyond an edge that runs along the rows
+    lo = lower.max(axis=1)
+    hi = np.where(outside, lo - 1, upper.min(axis=1))
+    return lo, hi
+
+
+def _hull_object(coords: np.ndarray, shape: tuple[int, int], offset: tuple[int, int]) -> np.ndarray | None:
+    """``skimage.morphology.convex_hull_image`` of one object, within its bounding box.
+
+    ``coords``: the object's ``possible_hull`` pixels in whole-slice coordinates. The hull's
+    vertices come from the same points through the same Qhull call as skimage's; skimage then
+    tests every pixel of the slice with O'Rourke's point-in-polygon (inside, edge or vertex
+    counts), which is exact on these half-integer coordinates and so equals the closed
+    polygon, filled here row by row (:func:`_hull_rows`). Pixels outside the object's
+    bounding box are outside its hull (the hull of its pixels' edge midpoints reaches half
+    a pixel beyond it). ``None`` where Qhull fails (skimage returns an empty image then).
+    """
+    from scipy.spatial import ConvexHull, QhullError
+    from skimage.util import unique_rows
+
+    diamond = np.array([[0, 0.5], [0, -0.5], [0.5, 0], [-0.5, 0]])  # skimage's _offsets_diamond(2)
+    points = unique_rows((coords[:, np.newaxis, :] + diamond).reshape(-1, 2))
+    try:
+        hull = ConvexHull(points)
+    except QhullError:
+        return None
+    rows = np.arange(offset[0], offset[0] + shape[0])
+    lo, hi = _hull_rows(hull.points[hull.vertices], rows)
+    cols = np.arange(offset[1], offset[1] + shape[1])
+    return (cols >= lo[:, None]) & (cols <= hi[:, None])
+
+
+def _hull_slice(image: np.ndarray) -> np.ndarray:
+    """``skimage.morphology.convex_hull_object(image, connectivity=2)``, equal bit for bit
+    (tests compare them), about 50x faster: skimage tests every pixel of the slice against
+    every object's hull polygon; this fills each hull inside its object's bounding box."""
+    from skimage.measure import label as sk_label
+    from skimage.morphology._convex_hull import possible_hull
+
+    labeled = sk_label(image, connectivity=2, background=0)
+    out = np.zeros(image.shape, dtype=bool)
+    for i, box in enumerate(scipy.ndimage.find_objects(labeled), start=1):
+        if box is None:
+            continue
+        obj = np.ascontiguousarray(labeled[box] == i, dtype=np.uint8)
+        offset = (box[0].start, box[1].start)
+        coords = possible_hull(obj) + np.asarray(offset)
+        filled = _hull_object(coords, obj.shape, offset)
+        if filled is not None:
+            out[box] |= filled
+    return out
+
+
+def _hull_block(block: Any) -> Any:
     xp = get_xp(block)
     host = block.get() if xp is not np else block
-    out = np.stack([convex_hull_object(s, connectivity=2) if s.any() else s for s in host.astype(bool)])
+    out = np.stack([_hull_slice(s) if s.any() else s for s in host.astype(bool)])
     return xp.asarray(out)
 
 
