@@ -16,6 +16,7 @@ from medpipe.errors import StudyError
 from medpipe.outputs import OutputLayout
 
 from .dask_client import cluster_client
+from .study import library
 
 log = logging.getLogger("medpipe")
 
@@ -40,6 +41,7 @@ def finish_study(
     Paths of archive files are replaced by tokens (:mod:`medpipe.privacy`); the entry's
     ``private_issues`` carries them for the operator's log and is not part of run.json.
     """
+    library("medpipe.report")  # imported once per process, under the stage tasks' lock
     from medpipe.privacy import PathRedactor
     from medpipe.publish import already_published, publish_study, published_fingerprint
     from medpipe.report import assemble_record

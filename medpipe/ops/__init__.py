@@ -11,6 +11,15 @@ segment stages on study folders).
 
 from __future__ import annotations
 
+# scikit-image loads its subpackages lazily, parsing their stub files (ast.parse) on first use.
+# CPython 3.11 can then fail with "SystemError: AST constructor recursion depth mismatch"
+# (gh-106905) when two threads parse at once, as Dask's worker threads would: load them here.
+import skimage.filters  # noqa: F401
+import skimage.measure  # noqa: F401
+import skimage.morphology  # noqa: F401
+import skimage.segmentation  # noqa: F401
+import skimage.util  # noqa: F401
+
 from ._backend import get_ndi, get_xp, gpu_available, resolve_device, to_device, to_numpy
 from ._overlap import halo_depth
 from .filters import (
