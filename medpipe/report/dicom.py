@@ -291,7 +291,7 @@ def seg_frames(labels: np.ndarray, match: SourceFrames) -> np.ndarray:
 
 
 def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], method: str | None,
-              series_number: int = 900) -> tuple[Any, dict[int, int]]:
+              series_number: int = 900, slice_spacing: float | None = None) -> tuple[Any, dict[int, int]]:
     """The Segmentation dataset and the map label value -> segment number.
 
     Parameters
@@ -304,6 +304,8 @@ def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], me
         Label value to name (value 0, background, is no segment).
     method : str or None
         The segmentation method (named in the algorithm identification).
+    slice_spacing : float, optional
+        The volume's slice spacing (mm): the SEG's SliceThickness where the source has none.
     """
     import highdicom as hd
 
@@ -329,17 +331,59 @@ def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], me
             algorithm_identification=algorithm, tracking_uid=generate_uid(), tracking_id=f"label {v}: {names[v]}"[:64],
         ))
     seg = hd.seg.Segmentation(
-        source_images=match.images, pixel_array=frames,
+        source_images=[share_frame_geometry(ds) for ds in match.images], pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=generate_uid(), series_number=series_number, sop_instance_uid=generate_uid(),
         instance_number=1, manufacturer="medpipe", manufacturer_model_name="medpipe", software_versions=__version__,
         device_serial_number="0", content_label="MEDPIPE", content_description=f"medpipe {method or ''}".strip()[:64],
         omit_empty_frames=bool(frames.any()),  # an empty segmentation (a negative result) keeps its frames
     )
+    _mend_pixel_measures(seg, slice_spacing)
     if "PatientOrientation" not in seg and "ImageOrientationPatient" not in match.images[0]:
         # Type 2C without patient geometry (CR, DX, US, OT); highdicom does not copy it.
         seg.PatientOrientation = match.images[0].get("PatientOrientation") or ""
     return seg, seg_number
+
+
+def _mend_pixel_measures(seg: pydicom.Dataset, slice_spacing: float | None) -> None:
+    """Pixel measures as the SEG IOD requires them, where highdicom copied a source's flaws: a
+    missing SliceThickness (Type 1C with a patient frame of reference) becomes the volume's slice
+    spacing, and a zero PixelSpacing (seen on real radiographs) is dropped with its sequence."""
+    shared = (seg.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
+    if not shared.get("PixelMeasuresSequence"):
+        return
+    measures = shared.PixelMeasuresSequence[0]
+    spacing = [float(v) for v in measures.get("PixelSpacing") or []]
+    if len(spacing) != 2 or min(spacing) <= 0:
+        del shared.PixelMeasuresSequence
+        return
+    if "FrameOfReferenceUID" in seg and not measures.get("SliceThickness") and slice_spacing:
+        measures.SliceThickness = format_number_as_ds(float(slice_spacing))
+
+
+def share_frame_geometry(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` with PixelMeasures and PlaneOrientation in its shared functional groups when a
+    multi-frame image keeps them per frame only (Philips and Siemens XA enhanced MR) and every
+    frame has the same: highdicom reads them from the shared groups alone. Changed in place.
+
+    Raises
+    ------
+    ValueError
+        When the frames' pixel spacing or orientation differ (one SEG plane geometry cannot hold them).
+    """
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        return ds
+    if not ds.get("SharedFunctionalGroupsSequence"):
+        ds.SharedFunctionalGroupsSequence = [pydicom.Dataset()]
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for sequence in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+        if sequence in shared:
+            continue
+        items = [(frame.get(sequence) or [None])[0] for frame in ds.PerFrameFunctionalGroupsSequence]
+        if any(item is None for item in items) or any(item != items[0] for item in items):
+            raise ValueError(f"the source's frames differ in {sequence[:-8]} or lack it")
+        shared[sequence] = pydicom.DataElement(sequence, "SQ", [copy.deepcopy(items[0])])
+    return ds
 
 
 def referenced_segment(seg: Any, number: int) -> Any:
@@ -521,7 +565,8 @@ def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
             labels = np.asarray(omezarr.read_labels(image).compute())
             names = {int(k): v for k, v in segmentation["labels"].items()} or omezarr.label_names(image)
             match = match_sources(ordered, meta.affine, meta.shape)
-            seg, seg_number = build_seg(match, labels, names, segmentation.get("method"))
+            seg, seg_number = build_seg(match, labels, names, segmentation.get("method"),
+                                        slice_spacing=float(meta.spacing[0]))
             atomic.write_bytes(study_dir / "seg.dcm", _encode(seg))
             seg_file = "seg.dcm"
         except Exception as exc:  # a derived object's failure is a warning, never the study's

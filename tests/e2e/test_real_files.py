@@ -215,9 +215,19 @@ def test_siemens_mosaic_that_does_not_tile_is_named_and_kept_as_montages(run: di
                for w in rep["warnings"]), rep["warnings"]
 
 
-@pytest.mark.xfail(strict=True, reason="highdicom 0.28 takes PixelMeasuresSequence from the shared functional "
-                                       "groups only; Philips (and Siemens XA) enhanced MR keep it per frame, so "
-                                       "medpipe/report/dicom.py build_seg fails: 'no attribute PixelMeasuresSequence'")
 def test_seg_written_for_enhanced_mr_with_per_frame_pixel_measures(run: dict[str, Any]) -> None:
     key = study_key(str(header(run["root"] / "philips/mprage.dcm").StudyInstanceUID))
     assert "seg" in run["studies"][key]["files"], report(run, key)["warnings"]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
+def test_every_dicom_object_made_from_real_files_passes_the_validator(run: dict[str, Any]) -> None:
+    made = sorted(run["out"].glob("studies/*/*.dcm"))
+    assert made
+    errors = {}
+    for path in made:
+        out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
+        lines = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+        if lines:
+            errors[f"{path.parent.name}/{path.name}"] = lines
+    assert not errors, errors
