@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
 
 from .measure import lesion_candidates
@@ -30,6 +32,11 @@ class Segmentation:
     names: dict[int, str]
     lesion_candidates: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+
+def _persist(a: Any) -> Any:
+    """``a`` computed and held by the scheduler when it is a Dask array, else ``a``."""
+    return dask.persist(a)[0] if isinstance(a, da.Array) else a
 
 
 def ct_tissues(
@@ -67,14 +74,16 @@ def ct_tissues(
         the body and between preset ranges.
     """
     ranges = {**CT_PRESETS, **{k: tuple(v) for k, v in (presets or {}).items()}}
-    body = body_mask(hu, body_threshold)
+    # Masks used by several later steps are computed once (Dask input; arrays pass through):
+    # otherwise every use re-runs their chain of labelling and lookups from the volume up.
+    body = _persist(body_mask(hu, body_threshold))
     ids = {name: CT_IDS[name] for name in ("air", "lung", "fat", "soft_tissue", "bone")}
-    classes = ct_classes(hu, ids, ranges) * body.astype(np.uint8)
+    classes = _persist(ct_classes(hu, ids, ranges) * body.astype(np.uint8))
     lung = classes == CT_IDS["lung"]
     # The lungs' slice-wise convex hull encloses nodules that touch the pleura or mediastinum
     # (filling holes does not: they are not holes there). The hull's one-voxel rim also holds
     # staircase soft tissue along the lung edge: components lying mostly on the rim are dropped.
-    hull = convex_hull_slices(lung)
+    hull = _persist(convex_hull_slices(lung))
     rim = hull & ~binary_erosion(hull, IN_PLANE)
     source = hu if raw is None else raw
     dense = hull & (source >= lesion_threshold)

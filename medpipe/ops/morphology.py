@@ -195,10 +195,11 @@ def keep_labels(labels: Any, keep: Any) -> Any:
 
     def _block(block: Any, keep: np.ndarray, n: int) -> Any:
         xp = get_xp(block)
-        table = xp.zeros(n, dtype=bool)
+        # One more entry, False, for every label >= n: ``take`` clips them onto it (labels
+        # are >= 0), one pass instead of two ``where`` and a fancy index.
+        table = xp.zeros(n + 1, dtype=bool)
         table[xp.asarray(keep)] = True
-        inside = block < n
-        return xp.where(inside, table[xp.where(inside, block, 0)], False)
+        return xp.take(table, block, mode="clip")
 
     if isinstance(labels, da.Array):
         return labels.map_blocks(_block, keep=keep, n=n, dtype=bool)
