@@ -144,8 +144,11 @@ def segment_study(study_dir: Path, modality: str, cfg: Config) -> dict:
         raise InputError(filtered_path, f"cannot open filtered image (run filter_study first): {exc}") from None
     if tuple(filtered.shape) != tuple(meta.shape):
         raise InputError(filtered_path, f"shape {filtered.shape} differs from image shape {meta.shape}")
-    filtered = to_device(_working(filtered, cfg), device)
-    raw = to_device(_working(omezarr.read_image(image_path), cfg).astype(np.float32), device)
+    # Both volumes are read by several passes of the method and by the measurements: read and
+    # decompress them once (held by the workers; raw in its stored dtype, int16 for CT).
+    filtered, raw = dask.persist(to_device(_working(filtered, cfg), device),
+                                 to_device(_working(omezarr.read_image(image_path), cfg), device))
+    raw = raw.astype(np.float32)
 
     params = dict(step.params)
     try:
