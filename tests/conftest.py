@@ -1,7 +1,7 @@
 """Shared fixtures. Tests mirror the package layout and build small real inputs in tmp dirs.
 
-The Prefect server of the end-to-end tests (tests/flows, tests/faults) is one real
-``prefect server start`` per test session, started only when a test asks for it.
+The Prefect server of the end-to-end tests is one real ``prefect server start`` per test
+session, started only when a test asks for it (tests/faults starts one of its own).
 """
 
 from __future__ import annotations

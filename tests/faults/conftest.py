@@ -18,9 +18,18 @@ from faults_helpers import RunProcess
 
 
 @pytest.fixture(scope="session")
-def prefect_env(prefect_server_url: str, prefect_auth: str) -> dict[str, str]:
-    """What a ``medpipe run`` process needs to use the session's Prefect server."""
-    return {"PREFECT_API_URL": prefect_server_url, "PREFECT_API_AUTH_STRING": prefect_auth}
+def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """What a ``medpipe run`` process needs to use a Prefect server of the fault tests' own.
+
+    Not the session server of tests/flows: killed runs leave that server's SQLite busy with
+    their late events for a while, which made the UI test there fail to submit a run.
+    """
+    from flows.server import auth_string, prefect_server
+
+    home = tmp_path_factory.mktemp("prefect-faults")
+    auth = auth_string(home)
+    with prefect_server(home, auth=auth) as url:
+        yield {"PREFECT_API_URL": url, "PREFECT_API_AUTH_STRING": auth}
 
 
 @pytest.fixture

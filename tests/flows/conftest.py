@@ -1,7 +1,7 @@
 """Fixtures of the end-to-end flow tests: one real Prefect server, small archives, `medpipe serve`.
 
 The server is a real ``prefect server start`` on loopback (SQLite, with the UI, basic auth as
-always), started once per test session (tests/conftest.py, shared with tests/faults). Every process of a
+always), started once per test session (tests/conftest.py). Every process of a
 test (this one, the ``medpipe serve`` subprocess, the flow runs it starts, Dask workers) gets its
 ``PREFECT_API_URL`` and ``PREFECT_API_AUTH_STRING``; nothing starts a temporary server of its own.
 """
