@@ -7,6 +7,8 @@ a run triggered from the Prefect UI can choose its archive, output, configuratio
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import time
@@ -218,7 +220,7 @@ def _drive(plans: list[dict[str, Any]], run: dict[str, Any], out: str, cfg: Conf
     todo: list[_Study] = []
     for plan in plans:
         key = plan["study_key"]
-        fp = input_fingerprint(plan.get("fingerprint", ""), cfg.fingerprint(), (model or {}).get("sha256"))
+        fp = input_fingerprint(plan.get("fingerprint", ""), cfg.fingerprint(), _models_fingerprint(model))
         if plan.get("skip_reason"):
             record(_entry(plan, layout, "skipped", reason=plan["skip_reason"]))
             continue
@@ -326,6 +328,15 @@ def _drive(plans: list[dict[str, Any]], run: dict[str, Any], out: str, cfg: Conf
         in_flight = {s.key: s for s, _ in running.values()}
         for study in [*in_flight.values(), *waiting]:
             record(_interrupted(study, layout, started=study.key in in_flight))
+
+
+def _models_fingerprint(model: dict[str, Any] | None) -> str | None:
+    """What a study's results depend on of the models: each one's file and domain (its card may
+    change what it applies to without a new file)."""
+    if not model:
+        return None
+    parts = [(m.get("sha256"), m.get("domain")) for m in model.get("models") or [model]]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class _Study:
