@@ -8,6 +8,12 @@ figures are compute + halo exchange. Both Dask libraries get the same chunks (z-
 ``medpipe.ops.stage.working_chunks``). Each figure is the best of ``--repeat`` runs; every run
 gets freshly named input arrays, so no run can reuse results still held by the scheduler, and
 every library runs once on a small array first so that imports on the workers are not timed.
+
+Extra rows: ``median3 kernel`` is medpipe's exact 3x3x3 median kernel (``medpipe.ops._median3``)
+alone on the whole volume in this process, one thread (SciPy's column repeats the median
+row's); ``ct_tissues`` (``--only ct_tissues``, or all) segments a CT phantom of ``--shape``
+(``medpipe.phantom.ct_phantom``, float32 HU) on the whole NumPy volume in this process
+(SciPy's column) and on the cluster (medpipe's column); dask-image has neither ("-").
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=(320, 512, 512))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--only", nargs="+", choices=["gaussian", "median", "label"],
+    p.add_argument("--only", nargs="+", choices=["gaussian", "median", "label", "ct_tissues"],
                    help="time only these operators (default: all)")
     args = p.parse_args()
 
@@ -44,10 +50,16 @@ def main() -> None:
     from distributed import Client, LocalCluster, wait
 
     from medpipe import ops
+    from medpipe.ops._median3 import median3
     from medpipe.ops.stage import working_chunks
 
     shape = tuple(args.shape)
     vol = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    # -0.0 + 0.0 is +0.0: this noise holds 9 negative and 3 positive zeros, and medpipe's median
+    # kernel leaves blocks holding both to SciPy (their order there is SciPy's own), which would
+    # time SciPy instead of the kernel. Nothing else changes.
+    vol += np.float32(0.0)
+    want = (lambda name: not args.only or name in args.only)
     mask = ndi.gaussian_filter(vol, 2.0) > 0.05  # blobs: many components, some large
     chunks = working_chunks(shape, 4, args.workers)
 
@@ -82,16 +94,34 @@ def main() -> None:
              lambda a: ndi.median_filter(a, size=3),
              lambda x: run(ops.median_filter(x, size=3)),
              lambda x: run(dif.median_filter(x, size=3))),
+            # medpipe's exact sorting-network kernel alone, one thread, whole volume, against
+            # the SciPy figure of the row above (not timed twice).
+            ("median3 kernel", vol,
+             None,
+             lambda x: median3(vol),
+             None),
             ("label 6-conn", mask,
              lambda a: ndi.label(a),
              our_label,
              dask_image_label),
         ]
+        if want("ct_tissues"):
+            # CT phantom in HU (float32, as segment_study reads it): the method on the whole
+            # NumPy volume in this process (SciPy's column) and on the cluster (medpipe's).
+            from medpipe.phantom import ct_phantom
+
+            ph = ct_phantom(shape=shape)
+            hu = ph.hu.astype(np.float32)
+            cases.append(("ct_tissues", hu,
+                          lambda a: ops.SEGMENTERS["ct_tissues"](a, spacing=ph.spacing),
+                          lambda x: run(ops.SEGMENTERS["ct_tissues"](x, spacing=ph.spacing).labels),
+                          None))
         if args.only:
-            cases = [c for c in cases if c[0].split()[0] in args.only]
+            cases = [c for c in cases if c[0].split()[0] in args.only
+                     or (c[0].startswith("median3") and "median" in args.only)]
         small = tuple(min(16, n) for n in shape)
         for _, data, _, ours, theirs in cases:  # warm-up: worker imports, first-call costs
-            for impl in (ours, theirs):
+            for impl in (ours, theirs) if theirs is not None else ():
                 impl(client.persist(da.from_array(np.ascontiguousarray(data[:small[0], :small[1], :small[2]]),
                                                   chunks=8)))
         for name, data, ref, ours, theirs in cases:
@@ -99,17 +129,24 @@ def main() -> None:
             # on the machine hits all three alike; the best run of each counts.
             times: dict[str, list[float]] = {"ref": [], "ours": [], "di": []}
             for i in range(args.repeat):
-                times["ref"].append(best(lambda: ref(data), [None]))
+                if ref is not None:
+                    times["ref"].append(best(lambda: ref(data), [None]))
+                elif rows:
+                    times["ref"] = [rows[-1][1]]
                 # The Dask library that runs first after SciPy runs slower (seen: 2.3 s against
                 # 1.2 s for either library's Gaussian), so the two take turns going first.
-                pair = [("ours", ours), ("di", theirs)]
+                pair = [("ours", ours), ("di", theirs)] if theirs is not None else [("ours", ours)]
                 for key, impl in (pair if i % 2 == 0 else pair[::-1]):
                     times[key].append(best(impl, [fresh(data)]))
-            rows.append((name, min(times["ref"]), min(times["ours"]), min(times["di"])))
+            rows.append((name, min(times["ref"]), min(times["ours"]), min(times["di"], default=None)))
         # correctness of what was timed
         x = fresh(vol)
         np.testing.assert_allclose(ops.gaussian_filter(x, 2.0)[:16].compute(), ndi.gaussian_filter(vol, 2.0)[:16],
                                    rtol=1e-5, atol=1e-6)
+        if want("median"):
+            np.testing.assert_array_equal(ops.median_filter(x, size=3)[:8].compute(),
+                                          ndi.median_filter(vol[:9], size=3)[:8])
+            np.testing.assert_array_equal(median3(vol[:9]), ndi.median_filter(vol[:9], size=3))
         if not args.only or "label" in args.only:
             assert ops.label(fresh(mask))[1] == ndi.label(mask)[1]
 
@@ -120,7 +157,8 @@ def main() -> None:
           f"on {os.cpu_count()} cores")
     print(f"{'operator':<18}{'SciPy 1 thread':>16}{'medpipe':>10}{'dask-image':>12}{'vs SciPy':>10}{'vs d-i':>8}")
     for name, t_ref, t_ours, t_di in rows:
-        print(f"{name:<18}{t_ref:>15.2f}s{t_ours:>9.2f}s{t_di:>11.2f}s{t_ref / t_ours:>9.2f}x{t_di / t_ours:>7.2f}x")
+        di, vs_di = ("-", "-") if t_di is None else (f"{t_di:.2f}s", f"{t_di / t_ours:.2f}x")
+        print(f"{name:<18}{t_ref:>15.2f}s{t_ours:>9.2f}s{di:>12}{t_ref / t_ours:>9.2f}x{vs_di:>8}")
 
 
 if __name__ == "__main__":

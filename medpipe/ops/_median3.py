@@ -185,8 +185,9 @@ def supports(block: Any, size: Any, footprint: Any, mode: str, cval: float) -> b
 
     NumPy 2-D or 3-D blocks of :data:`DTYPES`, ``size`` 3 (or ``(1, 3, 3)``) and no
     footprint, a mode of :data:`MODES`, and for ``constant`` a ``cval`` the dtype holds
-    exactly. NaN and negative zero are left to SciPy: its selection orders them in ways
-    ``min``/``max`` do not copy (NaN compares false; ``-0.0 == 0.0`` keeps whichever came first).
+    exactly. NaN, and zeros of both signs together, are left to SciPy: its selection orders
+    them in ways ``min``/``max`` do not copy (NaN compares false; of ``-0.0 == 0.0`` it keeps
+    whichever its partitioning put first).
 
     >>> supports(np.zeros((4, 4, 4), np.float32), 3, None, "reflect", 0.0)
     True
@@ -197,15 +198,21 @@ def supports(block: Any, size: Any, footprint: Any, mode: str, cval: float) -> b
         return False
     if block.ndim not in (2, 3) or mode not in MODES or _plan(block.ndim, size) is None:
         return False
+    zeros: list[Any] = []  # the signs of zero that take part, for float data
     if mode in ("constant", "grid-constant"):
         try:
             held = block.dtype.type(cval)
         except (OverflowError, ValueError):
             return False
-        if not float(held) == float(cval) or (block.dtype.kind == "f" and np.signbit(held) and cval == 0):
+        if not float(held) == float(cval):
             return False
+        zeros = [np.signbit(held)] if held == 0 else []
     if block.dtype.kind == "f":
-        return not (np.isnan(block).any() or (np.signbit(block) & (block == 0)).any())
+        if np.isnan(block).any():
+            return False
+        zeros = np.concatenate([np.signbit(block[block == 0]), np.asarray(zeros, bool)])
+        # One sign of zero only: equal values are then equal bits, whatever the order.
+        return bool(zeros.all() or not zeros.any())
     return True
 
 

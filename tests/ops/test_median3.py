@@ -107,13 +107,23 @@ def test_what_is_left_to_scipy():
     assert not supports(f.astype(np.int16), 3, None, "constant", 0.5)  # cval the dtype cannot hold
     assert not supports(f.astype(np.int16), 3, None, "constant", 1e6)
     assert not supports(f, 3, None, "constant", float("nan"))
-    assert not supports(f, 3, None, "constant", -0.0)
+    assert not supports(f, 3, None, "constant", -0.0)  # f holds +0.0: both signs of zero
+    assert supports(-f, 3, None, "constant", -0.0) and supports(f, 3, None, "constant", 0.0)
     assert not supports(f.tolist(), 3, None, "reflect", 0.0)  # not a NumPy array (CuPy: cupyx)
-    for poison in (np.nan, -0.0):  # SciPy's ordering of NaN and -0.0 is its own
+    for poison in ([np.nan], [-0.0, 0.0]):  # SciPy's ordering of NaN and of -0.0, 0.0 is its own
         g = np.random.default_rng(9).normal(size=(5, 6, 7)).astype(np.float32)
-        g[2, 3, 3] = poison
+        g[2, 3, 2:2 + len(poison)] = poison
         assert not supports(g, 3, None, "reflect", 0.0)
         np.testing.assert_array_equal(ops.median_filter(g, 3), ndi.median_filter(g, 3))
+
+
+def test_zeros_of_one_sign_run_the_kernel():
+    g = np.random.default_rng(13).integers(-2, 3, (6, 7, 8)).astype(np.float32)
+    for data in (g * 1.0, g * -1.0 + 0.0, np.where(g == 0, np.float32(-0.0), g)):
+        assert supports(data, 3, None, "reflect", 0.0)
+        got, ref = median3(data), ndi.median_filter(data, 3)
+        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(ref))
 
 
 def test_refuses_other_sizes():
