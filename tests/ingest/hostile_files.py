@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import RLELossless
 
 from medpipe.sample import write_series
+
+from ingest_helpers import enhanced_mr
 
 SLOPE, INTERCEPT = 0x00281053, 0x00281052
 BAD_RESCALE_VALUES = ("abc", "1e400", "-inf", "nan")
@@ -107,33 +107,13 @@ def enhanced_bad_frame(folder: Path, value: str = "abc", frame: int = 1, n: int 
                        study_uid: str = "1.2.826.0.1.3680043.99.4") -> Path:
     """An enhanced multi-frame MR of ``n`` frames whose frame ``frame`` has RescaleSlope
     ``value`` in its functional groups (where pydicom's top-level rescale does not look)."""
-    src = pydicom.dcmread(get_testdata_file("emri_small.dcm", download=False))
-    vol = volume((n, 8, 6)) + 600
+    src = enhanced_mr(volume((n, 8, 6)) + 600, [(0.0, 0.0, 1.5 * i) for i in range(n)], [1.0] * n, [0.0] * n)
+    pvt = src.PerFrameFunctionalGroupsSequence[frame].PixelValueTransformationSequence[0]
+    _raw_text(pvt, SLOPE, "DS", value)
     src.StudyInstanceUID = study_uid
     src.SeriesInstanceUID = study_uid + ".1"
     src.SOPInstanceUID = study_uid + ".1.1"
     src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
-    src.NumberOfFrames = n
-    src.Rows, src.Columns = vol.shape[1:]
-    src.PixelData = vol.astype(np.uint16).tobytes()
-    shared, ori, meas = Dataset(), Dataset(), Dataset()
-    ori.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    meas.PixelSpacing = [0.9, 0.7]
-    meas.SliceThickness = 1.5
-    shared.PlaneOrientationSequence = Sequence([ori])
-    shared.PixelMeasuresSequence = Sequence([meas])
-    src.SharedFunctionalGroupsSequence = Sequence([shared])
-    per = []
-    for i in range(n):
-        item, pos, pvt = Dataset(), Dataset(), Dataset()
-        pos.ImagePositionPatient = [0.0, 0.0, 1.5 * i]
-        pvt.RescaleSlope, pvt.RescaleIntercept = 1.0, 0.0
-        if i == frame:
-            _raw_text(pvt, SLOPE, "DS", value)
-        item.PlanePositionSequence = Sequence([pos])
-        item.PixelValueTransformationSequence = Sequence([pvt])
-        per.append(item)
-    src.PerFrameFunctionalGroupsSequence = Sequence(per)
     path = Path(folder) / "enhanced.dcm"
     path.parent.mkdir(parents=True, exist_ok=True)
     return _rewrite(path, src)

@@ -7,10 +7,8 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
-from ingest_helpers import load, oblique_orientation, ramp_volume, run_ingest
+from ingest_helpers import enhanced_mr, load, oblique_orientation, ramp_volume, run_ingest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
 from medpipe.config import IngestConfig
 from medpipe.errors import StudyError
@@ -72,30 +70,8 @@ def test_rescale_applied_per_slice(tmp_path):
 
 def _enhanced_mr(path, frames_zyx, positions, slopes, intercepts):
     """An enhanced MR object with per-frame positions and rescale in functional groups."""
-    src = pydicom.dcmread(get_testdata_file("emri_small.dcm", download=False))
-    n = frames_zyx.shape[0]
     stored = np.rint((frames_zyx - np.asarray(intercepts)[:, None, None]) / np.asarray(slopes)[:, None, None])
-    src.NumberOfFrames = n
-    src.Rows, src.Columns = frames_zyx.shape[1:]
-    src.PixelData = stored.astype(np.uint16).tobytes()
-    shared = Dataset()
-    ori, meas = Dataset(), Dataset()
-    ori.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    meas.PixelSpacing = [0.9, 0.7]
-    meas.SliceThickness = 1.5
-    shared.PlaneOrientationSequence = Sequence([ori])
-    shared.PixelMeasuresSequence = Sequence([meas])
-    src.SharedFunctionalGroupsSequence = Sequence([shared])
-    per = []
-    for i in range(n):
-        item, pos, pvt = Dataset(), Dataset(), Dataset()
-        pos.ImagePositionPatient = list(positions[i])
-        pvt.RescaleSlope, pvt.RescaleIntercept = slopes[i], intercepts[i]
-        item.PlanePositionSequence = Sequence([pos])
-        item.PixelValueTransformationSequence = Sequence([pvt])
-        per.append(item)
-    src.PerFrameFunctionalGroupsSequence = Sequence(per)
-    src.save_as(path)
+    enhanced_mr(stored, positions, slopes, intercepts).save_as(path)
 
 
 def test_enhanced_multiframe_per_frame_rescale_and_positions(tmp_path):
