@@ -56,10 +56,10 @@ def finish_study(
         if done is None:
             raise StudyError(study_key, "its staging folder is gone (a lost worker or a stopped run); "
                              "nothing was published")
-        return _entry(study_key, plan, done, stages, kept_previous=False, record_time=0.0)
+        return _entry(study_key, plan, done, _timings(stages), kept_previous=False, record_time=0.0)
 
     redactor = PathRedactor.for_output(out, archive)
-    timings = {name: r.get("seconds", 0.0) for name, r in stages.items() if isinstance(r, dict)}
+    timings = _timings(stages)
     error = "; ".join(f"{stage}: {msg}" for stage, msg in errors.items()) or None
     record = assemble_record(study_key, {"plan": plan, **stages}, timings, provenance, error=error)
     private = [redactor.issue(i)[1] | {"study_key": study_key} for i in record.get("issues") or []]
@@ -70,7 +70,7 @@ def finish_study(
     if not kept_previous:
         keep = ("filtered.zarr",) if cfg.run.keep_intermediates else ()
         publish_study(staging_dir, final, keep=keep, gate=layout.work / provenance["run_id"])
-    entry = _entry(study_key, plan, record, stages, kept_previous=kept_previous, record_time=record_time)
+    entry = _entry(study_key, plan, record, timings, kept_previous=kept_previous, record_time=record_time)
     return {**entry, "private_issues": private}
 
 
@@ -95,12 +95,16 @@ def _write_report(staging: Path, record: dict[str, Any], cfg: Config, source_fil
     return record
 
 
-def _entry(study_key: str, plan: dict[str, Any], record: dict[str, Any], stages: dict[str, Any], *,
+def _timings(stages: dict[str, Any]) -> dict[str, float]:
+    """Seconds per stage, from the stages' results."""
+    return {name: r.get("seconds", 0.0) for name, r in stages.items() if isinstance(r, dict)}
+
+
+def _entry(study_key: str, plan: dict[str, Any], record: dict[str, Any], timings: dict[str, float], *,
            kept_previous: bool, record_time: float) -> dict[str, Any]:
     """The run.json entry of a reported study."""
     from medpipe.report import key_findings
 
-    timings = {name: r.get("seconds", 0.0) for name, r in stages.items() if isinstance(r, dict)}
     return {
         "study_key": study_key,
         "status": record["status"],
