@@ -33,7 +33,8 @@ from typing import Any
 from . import __version__
 from .errors import MedpipeError
 
-STATUSES = ("ok", "failed", "skipped", "interrupted")
+# ``deferred``: a PACS study not complete yet (a series still arriving or short); a later run takes it up.
+STATUSES = ("ok", "failed", "skipped", "interrupted", "deferred")
 EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
 
 
@@ -166,7 +167,7 @@ def input_fingerprint(plan_fingerprint: str, config_fingerprint: str, model_sha2
 
 
 def exit_code(studies: list[dict[str, Any]]) -> int:
-    """0 when no study failed, 1 when any did (see docs/cli.md)."""
+    """0 when no study failed, 1 when any did (see docs/cli.md); ``deferred`` studies are not failures."""
     return EXIT_STUDY_FAILED if any(s.get("status") == "failed" for s in studies) else EXIT_OK
 
 

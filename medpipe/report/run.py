@@ -107,18 +107,20 @@ def run_markdown(run: dict[str, Any], max_rows: int = 200) -> str:
     """A markdown summary of the run: counts, timings, then a table of studies (failures first)."""
     counts = {"ok": 0, "failed": 0, "skipped": 0, **(run.get("counts") or {})}
     studies = sorted(run.get("studies") or [], key=lambda s: (s.get("status") != "failed", str(s.get("study_key"))))
-    icon = {"ok": "✅", "failed": "❌", "skipped": "⏭️"}
+    icon = {"ok": "✅", "failed": "❌", "skipped": "⏭️", "deferred": "⏳"}
+    deferred = f" · {counts['deferred']} deferred" if counts.get("deferred") else ""
     lines = [
         f"# medpipe run {_md(run.get('run_id'))}",
         "",
-        f"**{counts['ok']} ok · {counts['failed']} failed · {counts['skipped']} skipped** "
+        f"**{counts['ok']} ok · {counts['failed']} failed · {counts['skipped']} skipped{deferred}** "
         f"in {_num(run.get('seconds'), 1)} s ({_md(run.get('started'))} → {_md(run.get('finished'))})",
         "",
+        *_source_markdown(run),
         "| study | status | modality | findings | seconds |",
         "|---|---|---|---|---:|",
     ]
     for s in studies[:max_rows]:
-        text = s.get("error") if s.get("status") == "failed" else s.get("findings")
+        text = s.get("error") if s.get("status") == "failed" else (s.get("findings") or s.get("reason"))
         lines.append(f"| `{_md(s.get('study_key'))}` | {icon.get(s.get('status'), '')} {_md(s.get('status'))} | "
                      f"{_md(s.get('modality'))} | {_md(text)} | {_num(s.get('seconds'), 1)} |")
     if len(studies) > max_rows:
@@ -127,3 +129,18 @@ def run_markdown(run: dict[str, Any], max_rows: int = 200) -> str:
     if issues:
         lines += ["", f"{len(issues)} file issue{'s' if len(issues) != 1 else ''} (see run.json)."]
     return "\n".join(lines) + "\n"
+
+
+def _source_markdown(run: dict[str, Any]) -> list[str]:
+    """Lines on the PACS source's window and each destination's outbox (none for a folder run)."""
+    lines: list[str] = []
+    source = run.get("source")
+    if isinstance(source, dict) and source.get("kind") != "folder":
+        window = source.get("window") or {}
+        lines += [f"Source `{_md(source.get('address'))}`, window {_md(window.get('start'))} → "
+                  f"{_md(window.get('end'))}", ""]
+    for d in run.get("outbox") or []:
+        err = f" (last error: {_md(d.get('last_error'))})" if d.get("last_error") else ""
+        lines.append(f"- to `{_md(d.get('destination'))}`: {d.get('delivered', 0)} delivered, "
+                     f"{d.get('pending', 0)} pending, {d.get('failed', 0)} failed{err}")
+    return lines + [""] if run.get("outbox") else lines
