@@ -19,21 +19,24 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 # Debian packages the tests use, as command:package: Chromium (report rendering, Prefect UI),
-# dicom3tools (dciodvfy, the DICOM validator), dcmtk (reference DIMSE clients), dcm2niix. Run as
-# root with apt-get, each missing one is installed; one that cannot be is reported and the
-# tests that need it are skipped, not failed.
-SYSTEM_PACKAGES := chromium:chromium dciodvfy:dicom3tools dcmdump:dcmtk dcm2niix:dcm2niix
+# dicom3tools (dciodvfy, the DICOM validator), dcmtk (reference DIMSE clients), dcm2niix, Orthanc
+# and its DICOMweb plugin (the real PACS of tests/pacs; an entry starting with / is a file, not a
+# command). Run as root with apt-get, each missing one is installed; one that cannot be is
+# reported and the tests that need it are skipped, not failed.
+SYSTEM_PACKAGES := chromium:chromium dciodvfy:dicom3tools dcmdump:dcmtk dcm2niix:dcm2niix \
+  Orthanc:orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
+HAVE = have() { case "$$1" in /*) test -e "$$1";; *) command -v "$$1" >/dev/null 2>&1 || test -x "/usr/sbin/$$1";; esac; }
 
 system-packages:
-	@missing=""; for cp in $(SYSTEM_PACKAGES); do \
-	  command -v $${cp%%:*} >/dev/null 2>&1 || missing="$$missing $${cp#*:}"; done; \
+	@$(HAVE); missing=""; for cp in $(SYSTEM_PACKAGES); do \
+	  have $${cp%%:*} || missing="$$missing $${cp#*:}"; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  apt-get update -qq >/dev/null 2>&1 || true; \
 	  for p in $$missing; do \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$p >/dev/null 2>&1 || true; \
 	  done; \
 	fi; \
-	for cp in $(SYSTEM_PACKAGES); do command -v $${cp%%:*} >/dev/null 2>&1 || \
+	for cp in $(SYSTEM_PACKAGES); do have $${cp%%:*} || \
 	  echo "$${cp#*:} is not installed (apt-get needs root and a package registry): tests that use $${cp%%:*} will be skipped"; \
 	done
 
