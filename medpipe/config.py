@@ -14,6 +14,7 @@ archive well, so ``Config()`` is a working configuration.
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,6 +155,14 @@ class ModelConfig(_Section):
     output: Literal["slice_classification", "segmentation"] = "slice_classification"
     labels: list[str] = Field(default_factory=lambda: ["no_lesion", "lesion"])
     batch_size: int = Field(32, ge=1)
+    batch_across_studies: bool = Field(
+        True, description="Fill model batches with slices of every study in flight in the worker process "
+        "(one predict call for several small studies); off: each study's batches are predicted alone.",
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="Longest wait for other studies' slices when a batch is not full "
+        "(only while another study in the process is still preparing slices).",
+    )
     study_score: Literal["max", "mean_top3"] = Field(
         "max", description="How slice scores become the study score."
     )
@@ -229,6 +238,64 @@ class ScheduleConfig(_Section):
     timezone: str = "UTC"
 
 
+class PacsAuthConfig(_Section):
+    """How medpipe authenticates to a DICOMweb server. Only NAMES of secrets live here.
+
+    The values come from environment variables (``*_env``) or from a Prefect Secret block named
+    ``secret_block`` (resolved by the task layer; the block holds ``user:password`` for basic
+    auth or the token for bearer). run.json holds the whole resolved configuration, so a
+    secret itself never belongs in it.
+    """
+
+    kind: Literal["none", "basic", "bearer"] = "none"
+    username_env: str = Field("MEDPIPE_PACS_USER", description="Environment variable of the basic-auth user.")
+    password_env: str = Field("MEDPIPE_PACS_PASSWORD", description="Environment variable of the password.")
+    token_env: str = Field("MEDPIPE_PACS_TOKEN", description="Environment variable of the bearer token.")
+    secret_block: str | None = Field(None, description="Prefect Secret block name (instead of the variables).")
+
+
+class PacsConfig(_Section):
+    """Talking to a PACS (query/retrieve source and destinations alike)."""
+
+    calling_aet: str = Field("MEDPIPE", min_length=1, max_length=16, description="medpipe's AE title (DIMSE).")
+    max_concurrent: int = Field(
+        4, ge=1, description="Concurrent HTTP requests / DIMSE associations per PACS address, per process.")
+    timeout_s: float = Field(30.0, gt=0, description="Connect/read timeout of one request or DIMSE message.")
+    retries: int = Field(3, ge=0, description="Retries after 5xx, timeouts and refused connections/associations.")
+    backoff_s: float = Field(1.0, ge=0, description="Delay before the first retry; doubles each retry.")
+    auth: PacsAuthConfig = Field(default_factory=PacsAuthConfig)
+    ca_bundle: Path | None = Field(None, description="CA bundle (PEM) that signs the server's TLS certificate.")
+    retrieve: Literal["get", "move"] = Field(
+        "get", description="DIMSE retrieval: C-GET, or C-MOVE to medpipe's own C-STORE receiver.")
+    move_aet: str = Field("MEDPIPE", min_length=1, max_length=16,
+                          description="AE title of medpipe's C-STORE receiver (known to the PACS as a C-MOVE destination).")
+    move_port: int = Field(11113, ge=1, le=65535, description="Port of medpipe's C-STORE receiver (C-MOVE).")
+
+
+class SourceConfig(_Section):
+    """Where studies come from: a folder (the CLI's SOURCE) or a PACS, and the nightly window."""
+
+    url: str | None = Field(None, description="dicomweb+http(s)://HOST:PORT/PATH or dimse://AET@HOST:PORT; "
+                                             "None: the folder given to the CLI.")
+    overlap_hours: float = Field(24.0, ge=0, description="The window starts this long before the watermark "
+                                                         "(late arrivals are caught).")
+    stable_age_s: float = Field(60.0, ge=0, description="A series whose instance count changed more recently "
+                                                        "is still growing: its study is deferred.")
+    recheck_wait_s: float = Field(
+        10.0, ge=0, description="A series seen for the first time (no server stability flag) is counted again "
+                                "this long after, while other studies proceed; a change defers the study.")
+    max_studies: int | None = Field(None, ge=1, description="Most studies fetched per run (oldest first).")
+    use_change_feed: bool = Field(True, description="Also use the server's feed of arrivals (Orthanc /changes).")
+    since: date | None = Field(None, description="Window start (overrides the watermark): backfills.")
+    until: date | None = Field(None, description="Window end (inclusive day; default now).")
+    modalities: list[str] | None = Field(
+        None, description="ModalitiesInStudy pushed into the query (None: ingest.modalities).")
+    study_description: str | None = Field(None, description="StudyDescription filter pushed into the query "
+                                                            "(DICOM wildcards * and ?).")
+    cache_dir: Path | None = Field(None, description="Retrieval cache (None: OUT/.work/pacs-cache).")
+    cache_max_gb: float = Field(20.0, gt=0, description="Bound of the retrieval cache on a worker.")
+
+
 class Config(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
@@ -243,6 +310,8 @@ class Config(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    pacs: PacsConfig = Field(default_factory=PacsConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
 
     @model_validator(mode="after")
     def _models_named(self) -> "Config":
