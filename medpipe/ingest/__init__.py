@@ -4,6 +4,7 @@
 -> ``ingest_study`` (sorted, rescaled, checked volume streamed into ``image.zarr``).
 """
 
+from .catalogue import catalogue_path
 from .convert import ingest_study
 from .deid import clean_description, source_facts
 from .geometry import Geometry, build_geometry
@@ -11,7 +12,8 @@ from .plan import StudyPlan, fingerprint, format_plan, plan_studies
 from .scan import FileIssue, Instance, ScanResult, read_instance, scan_archive
 
 __all__ = [
-    "FileIssue", "Geometry", "Instance", "ScanResult", "StudyPlan", "build_geometry", "clean_description",
+    "FileIssue", "Geometry", "Instance", "ScanResult", "StudyPlan", "build_geometry", "catalogue_path",
+    "clean_description",
     "fingerprint", "format_plan", "ingest_study", "plan_studies", "read_instance", "scan_archive",
     "source_facts",
 ]

@@ -14,7 +14,7 @@ import errno
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,7 @@ class ScanResult:
     instances: list[Instance] = field(default_factory=list)
     issues: list[FileIssue] = field(default_factory=list)
     n_files: int = 0
+    n_read: int = 0  # headers read; fewer than n_files when a catalogue knew the rest
 
 
 def iter_files(root: str | Path, issues: list[FileIssue] | None = None) -> Iterable[Path]:
@@ -122,21 +123,40 @@ def iter_files(root: str | Path, issues: list[FileIssue] | None = None) -> Itera
     a folder it cannot list (a path longer than PATH_MAX, no permission, vanished) and a link to
     a folder (not followed, so that links cannot loop or leave the archive).
     """
+    return (Path(p) for p in walk_files(root, issues))
+
+
+def walk_files(root: str | Path, issues: list[FileIssue] | None = None) -> Iterator[str]:
+    """:func:`iter_files` as strings, spelled as ``str(Path(...))`` would (no Path per file: a
+    million files are walked every night)."""
+    top = str(Path(root))
+
     def unlisted(exc: OSError) -> None:
         if issues is not None:
-            where = str(exc.filename or root)
+            where = str(exc.filename or top)
             issues.append(FileIssue(where, os_reason("cannot list folder", exc, where)))
 
-    for folder, dirs, files in os.walk(root, onerror=unlisted):
+    for folder, dirs, files in os.walk(top, onerror=unlisted):
         listed = sorted(d for d in dirs if not d.startswith("."))
         dirs[:] = [d for d in listed if not os.path.islink(os.path.join(folder, d))]
         if issues is not None and len(dirs) < len(listed):
             issues.extend(FileIssue(os.path.join(folder, d), "link to a folder (not followed)")
                           for d in listed if d not in dirs)
+        base = _folder_prefix(folder, top)
         for name in sorted(files):
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
-            yield Path(folder) / name
+            yield base + name
+
+
+def _folder_prefix(folder: str, top: str) -> str:
+    """What a file name in ``folder`` is appended to: ``str(Path(folder) / name)`` without the Path.
+
+    >>> _folder_prefix("/a/b", "/a"), _folder_prefix("/", "/"), _folder_prefix("./d", "."), _folder_prefix(".", ".")
+    ('/a/b/', '/', 'd/', '')
+    """
+    base = os.path.join(folder, "")
+    return base[2:] if top == "." else base  # Path drops a leading "./"
 
 
 def os_reason(what: str, exc: OSError, path: str) -> str:
@@ -377,7 +397,8 @@ def _read_batch(paths: list[str], cfg: IngestConfig) -> list[Instance | FileIssu
     return [read_instance(p, cfg) for p in paths]
 
 
-def scan_archive(root: str | Path, cfg: IngestConfig | None = None) -> ScanResult:
+def scan_archive(root: str | Path, cfg: IngestConfig | None = None,
+                 catalogue: str | Path | None = None) -> ScanResult:
     """Read the header of every file under ``root`` in parallel with ``dask.bag``.
 
     The bag runs on the active Dask scheduler (a distributed ``Client`` when one is the
@@ -389,28 +410,31 @@ def scan_archive(root: str | Path, cfg: IngestConfig | None = None) -> ScanResul
     root : path
         Archive folder (nested folders, files with or without ``.dcm``).
     cfg : IngestConfig, optional
+    catalogue : path, optional
+        The archive's discovery catalogue (:func:`.catalogue.catalogue_path`: ``OUT/private/catalogue/``).
+        Every file is still ``stat``ed; a file whose stat is unchanged since the catalogue was
+        written keeps its record, only new or changed files have their header read, and the
+        catalogue is then updated. The result is the same as without it.
 
     Returns
     -------
     ScanResult
-    """
-    import dask
-    import dask.bag as db
 
+    Examples
+    --------
+    >>> scan = scan_archive("archive", catalogue=catalogue_path("out", "archive"))  # doctest: +SKIP
+    """
     cfg = cfg or IngestConfig()
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: archive folder not found")
     walk_issues: list[FileIssue] = []
-    paths = [str(p) for p in iter_files(root, walk_issues)]
-    result = ScanResult(issues=walk_issues, n_files=len(paths))
-    if not paths:
-        return result
-    batches = [paths[i : i + FILES_PER_TASK] for i in range(0, len(paths), FILES_PER_TASK)]
-    bag = db.from_sequence(batches, npartitions=len(batches)).map(_read_batch, cfg).flatten()
-    # Honour an active scheduler (the flow's distributed client); bags default to processes otherwise.
-    scheduler = None if dask.config.get("scheduler", None) else "threads"
-    records = bag.compute(scheduler=scheduler) if scheduler else bag.compute()
+    if catalogue is None:
+        paths = list(walk_files(root, walk_issues))
+        records, n_read = _read_all(paths, cfg), len(paths)
+    else:
+        paths, records, n_read = _scan_with_catalogue(root, cfg, Path(catalogue), walk_issues)
+    result = ScanResult(issues=walk_issues, n_files=len(paths), n_read=n_read)
     for rec in records:
         if isinstance(rec, Instance):
             result.instances.append(rec)
@@ -418,3 +442,45 @@ def scan_archive(root: str | Path, cfg: IngestConfig | None = None) -> ScanResul
             result.issues.append(rec)
     log.info("scanned %d files: %d instances, %d issues", len(paths), len(result.instances), len(result.issues))
     return result
+
+
+def _read_all(paths: list[str], cfg: IngestConfig) -> list[Instance | FileIssue]:
+    """Every file's record, in order, read in batches on the active Dask scheduler."""
+    import dask
+    import dask.bag as db
+
+    if not paths:
+        return []
+    batches = [paths[i : i + FILES_PER_TASK] for i in range(0, len(paths), FILES_PER_TASK)]
+    bag = db.from_sequence(batches, npartitions=len(batches)).map(_read_batch, cfg).flatten()
+    # Honour an active scheduler (the flow's distributed client); bags default to processes otherwise.
+    scheduler = None if dask.config.get("scheduler", None) else "threads"
+    return bag.compute(scheduler=scheduler) if scheduler else bag.compute()
+
+
+def _scan_with_catalogue(root: Path, cfg: IngestConfig, path: Path, walk_issues: list[FileIssue]
+                         ) -> tuple[list[str], list[Instance | FileIssue], int]:
+    """Walk and ``stat`` every file; read the headers of those the catalogue does not know as they are."""
+    from .catalogue import Catalogue, stat_key
+
+    cat = Catalogue.load(path, root, cfg)
+    prefix = _folder_prefix(str(root), str(root))
+    paths: list[str] = []
+    records: list[Instance | FileIssue | None] = []
+    keys: list[tuple[int, int, int, int] | None] = []
+    for p in walk_files(root, walk_issues):
+        try:
+            key = stat_key(os.stat(p))
+        except OSError:  # read_instance names the reason
+            key = None
+        paths.append(p)
+        keys.append(key)
+        records.append(cat.lookup(p[len(prefix):], key, p) if key is not None else None)
+    todo = [i for i, rec in enumerate(records) if rec is None]
+    for i, rec in zip(todo, _read_all([paths[i] for i in todo], cfg)):
+        records[i] = rec
+    cat.save({p[len(prefix):]: (key, rec) for p, key, rec in zip(paths, keys, records)
+              if key is not None and rec is not None})
+    log.info("discovery catalogue: %d of %d files unchanged, %d headers read", len(paths) - len(todo),
+             len(paths), len(todo))
+    return paths, records, len(todo)  # type: ignore[return-value]  (every slot is filled)
