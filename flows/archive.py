@@ -1,6 +1,10 @@
-"""The archive flow: discover studies, then per study ingest, filter, segment, infer and report.
+"""The archive flow: discover studies, decide which to process, then one task per study.
 
-``process_archive`` is what deployments and the CLI run. It reads the configuration and starts
+The flow plans (discovery, and the skip decision from each study's input fingerprint), runs
+one ``process_study`` task per study to do (:func:`medpipe.study.process_study`: ingest,
+filter, segment, infer, report and publish, each stage's failure reported in the study's
+entry) with a bounded number in flight (``run.max_studies_in_flight``), and writes the run
+record. ``process_archive`` is what deployments and the CLI run. It reads the configuration and starts
 ``run_pipeline`` on the Dask cluster that the configuration (or the run's parameters) names, so
 a run triggered from the Prefect UI can choose its archive, output, configuration and cluster.
 """
@@ -10,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import queue
 import time
 from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -41,12 +45,12 @@ from medpipe.outputs import (
     versions,
 )
 from medpipe.privacy import PathRedactor, append_log
-from medpipe.publish import already_published, close_gate, published_fingerprint
-from medpipe.report import key_findings, run_markdown, run_table
+from medpipe.publish import close_gate, published_fingerprint
+from medpipe.report import run_markdown, run_table
 from medpipe.report.run import write_run_record
 from tasks import study as stages
-from tasks.model import check_model
-from tasks.report import finish_study
+from medpipe.study import StudyEntry, entry_for, published_entry, run_window
+from tasks.model import check_model, describe_models
 
 from . import progress
 from .cluster import gpu_annotations, task_runner
@@ -149,14 +153,23 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
         try:
             gate.mkdir(parents=True, exist_ok=True)
             redactor = PathRedactor.for_output(out, archive)
-            model = check_model.submit(config).result() if cfg.model.enabled else None
+            # The skip decision needs the models' identities, not TensorFlow: a night with
+            # nothing new never loads a model. The full check runs once before the first study.
+            model = describe_models(config) if cfg.model.enabled else None
             run["model"] = model
             found = stages.discover.submit(archive, config).result()
             for issue in found["issues"]:
                 public, secret = redactor.issue(issue)
                 run["issues"].append(public)
                 private.append(secret)
-            _drive(found["plans"], run, out, cfg, model, stop, redactor, private)
+            todo, skipped = _plan(found["plans"], layout, cfg, model)
+            if todo and cfg.model.enabled:
+                run["model"] = check_model.submit(config).result()
+            record = _recorder(run["studies"], redactor, private)
+            for entry in skipped:
+                record(entry)
+            progress.emit("planned", {"total": len(found["plans"]), "to_process": len(todo)})
+            _process(todo, run, out, cfg, stop, gate, record)
             run["status"] = "interrupted" if stop else "completed"
         except Exception as exc:
             run["status"], run["error"] = "failed", redactor.text(f"{type(exc).__name__}: {exc}")
@@ -196,138 +209,101 @@ def _record_run(out: str, run: dict[str, Any], private: list[dict[str, Any]]) ->
         log.warning("run summary artifacts not created: %s", exc)
 
 
-def _drive(plans: list[dict[str, Any]], run: dict[str, Any], out: str, cfg: Config,
-           model: dict[str, Any] | None, stop: StopRequest, redactor: PathRedactor,
-           private: list[dict[str, Any]]) -> None:
-    """Submit each study's stages as their inputs complete; add its entry to ``run["studies"]``.
+class _ToDo(NamedTuple):
+    """A study this run processes: its plan and the fingerprint of its inputs."""
 
-    ingest -> filter -> segment, and ingest -> infer, then report. A failed stage stops only its
-    own study's dependent stages; the study is then reported with what it has and the error.
-    A window of studies is in flight at a time, which bounds staging disk and scheduler load.
-    When ``stop`` is set, no stage is submitted any more and the studies not finished are
-    recorded as ``interrupted`` (or ``ok`` where this run had already published them).
-    """
-    run_id, entries = run["run_id"], run["studies"]
-    layout = OutputLayout(Path(out))
-    config = cfg.model_dump(mode="json")
+    plan: dict[str, Any]
+    fingerprint: str
 
-    def record(entry: dict[str, Any]) -> None:
-        private.extend(entry.pop("private_issues", None) or [])
-        entry = redactor.deep(entry)
-        entries.append(entry)
-        progress.emit("study", entry)
 
-    todo: list[_Study] = []
+def _plan(plans: list[dict[str, Any]], layout: OutputLayout, cfg: Config,
+          model: dict[str, Any] | None) -> tuple[list[_ToDo], list[StudyEntry]]:
+    """The studies to process, and the entries of those skipped (no usable series, or unchanged
+    since their last successful run unless ``run.force``)."""
+    todo: list[_ToDo] = []
+    skipped: list[StudyEntry] = []
     for plan in plans:
         key = plan["study_key"]
         fp = input_fingerprint(plan.get("fingerprint", ""), cfg.fingerprint(), _models_fingerprint(model))
         if plan.get("skip_reason"):
-            record(_entry(plan, layout, "skipped", reason=plan["skip_reason"]))
+            skipped.append(entry_for(plan, layout.root, "skipped", reason=plan["skip_reason"]))
             continue
         done, damage = published_fingerprint(layout.study(key))
         if not cfg.run.force and done == fp:
-            record(_entry(plan, layout, "skipped", reason="unchanged since its last successful run"))
+            skipped.append(entry_for(plan, layout.root, "skipped", reason="unchanged since its last successful run"))
             continue
         if damage:
             log.warning("study %s: published outputs damaged (%s); redoing it", key, "; ".join(damage))
-        todo.append(_Study(plan, str(layout.staging(run_id, key)), fp))
-    progress.emit("planned", {"total": len(plans), "to_process": len(todo)})
+        todo.append(_ToDo(plan, fp))
+    return todo, skipped
 
-    # Transient failures (a lost worker, a storage hiccup) are retried with exponential backoff.
+
+def _recorder(entries: list[dict[str, Any]], redactor: PathRedactor,
+              private: list[dict[str, Any]]) -> Callable[[StudyEntry], None]:
+    """``record(entry)``: add a study's entry to the run (paths redacted), its file problems to
+    the operator's log, and tell the progress listeners."""
+    def record(entry: StudyEntry) -> None:
+        private.extend(entry.private_issues)
+        d = redactor.deep(entry.to_dict())
+        entries.append(d)
+        progress.emit("study", d)
+    return record
+
+
+def window_size(cfg: Config) -> int:
+    """Studies in flight at a time: ``run.max_studies_in_flight``, else two per worker (one
+    computing while the other waits on its chunk work or writes its report)."""
+    return cfg.run.max_studies_in_flight or 2 * cfg.cluster.workers
+
+
+def _process(todo: list[_ToDo], run: dict[str, Any], out: str, cfg: Config, stop: StopRequest, gate: Path,
+             record: Callable[[StudyEntry], None]) -> None:
+    """One ``process_study`` task per study, ``window_size`` in flight; record each entry.
+
+    When ``stop`` is set no study starts any more, and those not finished are recorded as
+    ``interrupted`` (or ``ok`` where this run had already published them).
+    """
+    run_id, config = run["run_id"], cfg.model_dump(mode="json")
+    layout = OutputLayout(Path(out))
+    # Transient failures (a lost worker, a storage hiccup) are retried with exponential backoff;
+    # a stage's own transient failures are retried inside the study (medpipe.study).
     backoff = [cfg.run.retry_delay_s * 2**i for i in range(cfg.run.retries)] or None
-    opts = dict(retries=cfg.run.retries, retry_delay_seconds=backoff, timeout_seconds=cfg.run.study_timeout_s)
-    ingest, filter_, segment, infer = (t.with_options(**opts) for t in
-                                       (stages.ingest, stages.filter_, stages.segment, stages.infer))
+    task = stages.process_study.with_options(retries=cfg.run.retries, retry_delay_seconds=backoff,
+                                             timeout_seconds=cfg.run.study_timeout_s)
     gpu = gpu_annotations(cfg.cluster)
     provenance = {"medpipe_version": __version__, "run_id": run_id, "config": config,
                   "config_fingerprint": cfg.fingerprint(), "versions": versions()}
     bar = create_progress_artifact(0.0, key="medpipe-progress", description="Studies finished") if todo else None
-
-    running: dict[PrefectFuture, tuple[_Study, str]] = {}
-    finished: queue.Queue[PrefectFuture] = queue.Queue()
     reported = 0
-    waiting = list(reversed(todo))
-    window = max(4, 2 * cfg.cluster.workers)
 
-    def submit(study: _Study, stage: str, fut: PrefectFuture) -> None:
-        running[fut] = (study, stage)
-        fut.add_done_callback(finished.put)
+    def submit(study: _ToDo) -> PrefectFuture:
+        key = study.plan["study_key"]
+        with _annotate(gpu):
+            return task.submit(study.plan, str(layout.staging(run_id, key)), out, config,
+                               {**provenance, "input_fingerprint": study.fingerprint}, run["parameters"]["archive"],
+                               str(gate))
 
-    def start(study: _Study) -> None:
-        submit(study, "ingest", ingest.submit(study.plan, study.staging, config))
-
-    def advance(study: _Study, stage: str) -> None:
-        """Submit what ``stage``'s completion makes ready, or the report when nothing is left."""
-        r, key = study.results, study.key
-        if stage == "ingest":
-            from medpipe.inference.domain import Facts
-            from medpipe.inference.stage import plan_models
-
-            facts = Facts.from_plan(study.plan).to_dict()
-            try:
-                planned = plan_models(cfg, facts)
-            except Exception as exc:  # a model gone since the run's check: this study's failure only
-                study.errors["infer"] = f"{type(exc).__name__}: {exc}"
-                planned = []
-            with _annotate(gpu):
-                submit(study, "filter", filter_.submit(key, r["ingest"], study.staging, config))
-                # One infer task per model whose domain the study is in; the others are reported
-                # as not applicable, with the reason, without a task. A disabled model keeps its
-                # (instant) task, as before domains, so runs look the same with inference off.
-                for m in planned:
-                    if m["applicable"] or not m["enabled"]:
-                        submit(study, f"infer:{m['name']}",
-                               infer.submit(key, r["ingest"], study.staging, config, m["name"], facts))
-                    else:
-                        r[f"infer:{m['name']}"] = m["result"]
-        elif stage == "filter":
-            with _annotate(gpu):
-                submit(study, "segment", segment.submit(key, r["filter"], r["ingest"], study.staging, config))
-        if stage != "report" and not study.outstanding(running):
-            prov = {**provenance, "input_fingerprint": study.fingerprint}
-            submit(study, "report", finish_study.submit(key, study.plan, r, study.errors, study.staging,
-                                                        out, prov, config, run["parameters"]["archive"]))
-
-    while waiting and not stop and len({s for s, _ in running.values()}) < window:
-        start(waiting.pop())
-    while running and not stop:
-        try:
-            fut = finished.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if fut not in running:
-            continue
-        study, stage = running.pop(fut)
+    def done(study: _ToDo, fut: PrefectFuture) -> None:
+        nonlocal reported
         fut.wait()  # the final state comes with the Dask result; the API may still say RUNNING
         state = fut.state
-        if stage == "report":
-            from medpipe.report.record import model_outcomes, with_infer_timing
-
-            entry = fut.result() if state.is_completed() else _report_failed(study, state, layout)
-            outcomes = model_outcomes(study.results, study.errors)
-            if outcomes:  # each model's label and score, or why it did not apply
-                entry["models"] = outcomes
-            if isinstance(entry.get("timings"), dict):
-                entry["timings"] = with_infer_timing(entry["timings"])
-            record(entry)
-            reported += 1
-            if bar is not None:
-                update_progress_artifact(bar, 100.0 * reported / len(todo))
-            if waiting and not stop:
-                start(waiting.pop())
-            continue
         if state.is_completed():
-            study.results[stage] = fut.result()
-        else:
-            study.errors[stage] = _error_text(state)
-            log.warning("study %s: %s failed: %s", study.key, stage, redactor.text(study.errors[stage]))
-        if not stop:
-            advance(study, stage if state.is_completed() else "failed")
+            entry = fut.result()
+        else:  # the task itself failed (not a stage: those are in its entry)
+            entry = published_entry(study.plan, out, study.fingerprint, run_id) or \
+                entry_for(study.plan, out, "failed", error=f"study: {_error_text(state)}")
+        record(entry)
+        reported += 1
+        if bar is not None:
+            update_progress_artifact(bar, 100.0 * reported / len(todo))
+
+    left = run_window(todo, submit, done, window_size(cfg), stopped=lambda: bool(stop))
     if stop:
-        close_gate(layout.work / run_id)
-        in_flight = {s.key: s for s, _ in running.values()}
-        for study in [*in_flight.values(), *waiting]:
-            record(_interrupted(study, layout, started=study.key in in_flight))
+        close_gate(gate)
+        for study in left.in_flight:
+            record(_interrupted(study, out, started=True))
+        for study in left.waiting:
+            record(_interrupted(study, out, started=False))
 
 
 def _models_fingerprint(model: dict[str, Any] | None) -> str | None:
@@ -339,42 +315,13 @@ def _models_fingerprint(model: dict[str, Any] | None) -> str | None:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class _Study:
-    """One study's progress through the stages of a run."""
-
-    def __init__(self, plan: dict[str, Any], staging: str, fingerprint: str):
-        self.plan, self.staging, self.fingerprint = plan, staging, fingerprint
-        self.key: str = plan["study_key"]
-        self.results: dict[str, dict[str, Any]] = {}
-        self.errors: dict[str, str] = {}
-
-    def outstanding(self, running: dict[PrefectFuture, tuple["_Study", str]]) -> bool:
-        return any(s is self for s, _ in running.values())
-
-
-def _entry(plan: dict[str, Any], layout: OutputLayout, status: str, *, error: str | None = None,
-           reason: str | None = None) -> dict[str, Any]:
-    """A run.json study entry for a study with no report of this run (skipped, or report failed)."""
-    key = plan["study_key"]
-    exists = (layout.study(key) / "report.json").is_file()
-    entry = {"study_key": key, "status": status, "error": error, "output": f"studies/{key}" if exists else None,
-             "modality": plan.get("modality"), "seconds": 0.0, "findings": None}
-    return {**entry, "reason": reason} if reason else entry
-
-
-def _interrupted(study: _Study, layout: OutputLayout, *, started: bool) -> dict[str, Any]:
+def _interrupted(study: _ToDo, out: str, *, started: bool) -> StudyEntry:
     """The entry of a study the stop caught: ``ok`` if this run published it, else ``interrupted``."""
-    doc = already_published(layout.study(study.key), study.fingerprint)
-    if doc is not None:
-        entry = _entry(study.plan, layout, doc["status"], error=doc.get("error"))
-        return {**entry, "findings": key_findings(doc)}
+    entry = published_entry(study.plan, out, study.fingerprint)
+    if entry is not None:
+        return entry
     reason = "the run was stopped while it was processed" if started else "the run was stopped before it started"
-    return _entry(study.plan, layout, "interrupted", reason=reason)
-
-
-def _report_failed(study: _Study, state: Any, layout: OutputLayout) -> dict[str, Any]:
-    errors = "; ".join(f"{k}: {v}" for k, v in study.errors.items())
-    return _entry(study.plan, layout, "failed", error=f"{errors + '; ' if errors else ''}report: {_error_text(state)}")
+    return entry_for(study.plan, out, "interrupted", reason=reason)
 
 
 def _error_text(state: Any) -> str:

@@ -226,6 +226,10 @@ class RunConfig(_Section):
     retry_delay_s: float = Field(2.0, ge=0, description="Delay before the first retry; doubles each retry.")
     study_timeout_s: float = Field(3600.0, gt=0)
     keep_intermediates: bool = Field(False, description="Keep filtered.zarr in study folders.")
+    max_studies_in_flight: int | None = Field(
+        None, ge=0,
+        description="Studies processed at a time (each is one task running its stages in turn); it bounds "
+                    "staging disk and memory. 0 or empty: two per worker (cluster.workers).")
     allowed_out_roots: list[Path] = Field(
         default_factory=list,
         description="Output folders must lie inside one of these (empty: anywhere). `medpipe serve` "
@@ -296,6 +300,34 @@ class SourceConfig(_Section):
     cache_max_gb: float = Field(20.0, gt=0, description="Bound of the retrieval cache on a worker.")
 
 
+class SendConfig(_Section):
+    """Results back to PACS destinations (SEG, SR, the report image), through a durable outbox per
+    destination under ``OUT/private/outbox/``."""
+
+    destinations: list[str] = Field(
+        default_factory=list, description="dicomweb+http(s)://HOST:PORT/PATH or dimse://AET@HOST:PORT of each "
+                                          "destination (no credentials in a URL: see pacs.auth).")
+    objects: list[Literal["seg", "sr", "report"]] = Field(
+        default_factory=lambda: ["seg", "sr", "report"],
+        description="What is sent: DICOM SEG, Comprehensive 3D SR, and the report as a Secondary Capture image.")
+    identity: Literal["source", "deidentified"] = Field(
+        "source", description="source: the sent objects carry the source's patient and study modules and UIDs "
+                              "(they file into the source study); deidentified: as the files under OUT "
+                              "(report.include_patient_identity governs those).")
+
+    @model_validator(mode="after")
+    def _addresses_valid(self) -> "SendConfig":
+        """A destination that cannot be parsed (or holds a password) fails at load, not at sending."""
+        from .pacs.address import PacsAddress  # lazily: the pacs package imports this module
+
+        for url in self.destinations:
+            try:
+                PacsAddress.parse(url)
+            except ValueError as exc:
+                raise ConfigError(f"send.destinations: {exc}") from None
+        return self
+
+
 class Config(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
@@ -312,6 +344,7 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     pacs: PacsConfig = Field(default_factory=PacsConfig)
     source: SourceConfig = Field(default_factory=SourceConfig)
+    send: SendConfig = Field(default_factory=SendConfig)
 
     @model_validator(mode="after")
     def _models_named(self) -> "Config":

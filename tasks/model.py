@@ -1,4 +1,4 @@
-"""The model check that opens a run: a wrong model fails the run before any study is touched."""
+"""The model check that opens a run's processing: a wrong model fails the run before any study is touched."""
 
 from __future__ import annotations
 
@@ -21,3 +21,20 @@ def check_model(config: dict[str, Any]) -> dict[str, Any] | None:
 
     checked = [validate_model(m).to_dict() for m in Config.model_validate(config).inference_models() if m.enabled]
     return {**checked[0], "models": checked} if checked else None
+
+
+def describe_models(config: dict[str, Any]) -> dict[str, Any] | None:
+    """What :func:`check_model` returns, from the model files and cards only: no TensorFlow.
+
+    Each enabled model's identity (file SHA-256, cached per file) and domain, which is all that
+    deciding whether a study is unchanged needs; a night with nothing new never loads a model.
+
+    Raises
+    ------
+    ModelError
+        A configured model file is missing or its card unreadable.
+    """
+    from medpipe.inference.model import resolve_model
+
+    found = [resolve_model(m).to_dict() for m in Config.model_validate(config).inference_models() if m.enabled]
+    return {**found[0], "models": found} if found else None

@@ -1,11 +1,10 @@
-"""One Prefect task per stage of a study. Each reads and writes the study's staging folder."""
+"""The Prefect tasks of a run: ``discover`` the archive, then one ``process_study`` task per study."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,14 @@ log = logging.getLogger("medpipe")
 
 
 def retry_transient(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
-    """Retry failures that may pass (a lost worker, I/O hiccups), not bad input or bad models."""
+    """Retry failures that may pass (a lost worker, I/O hiccups), not bad input, bad models or a
+    stopping run (:func:`medpipe.study.is_transient`)."""
     try:
         state.result()
     except (InputError, StudyError, ModelError, ValueError, TypeError):
         return False
-    except Exception:
-        return True
+    except Exception as exc:
+        return library("medpipe.study").is_transient(exc)
     return False
 
 
@@ -52,15 +52,6 @@ def library(module: str) -> Any:
         return importlib.import_module(module)
 
 
-def _timed(fn, *args: Any) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    with cluster_client():
-        result = fn(*args)
-    result = dict(result)
-    result["seconds"] = round(time.perf_counter() - t0, 3)
-    return result
-
-
 @task(name="discover", cache_policy=NO_CACHE, persist_result=False, retries=1)
 def discover(archive: str, config: dict[str, Any]) -> dict[str, Any]:
     """Scan the archive's headers on the cluster and plan one series per study."""
@@ -73,34 +64,58 @@ def discover(archive: str, config: dict[str, Any]) -> dict[str, Any]:
     return {"plans": [p.to_dict() for p in plans], "issues": [i.to_dict() for i in scan.issues]}
 
 
-@task(name="ingest", task_run_name="ingest-{plan[study_key]}", **STAGE)
-def ingest(plan: dict[str, Any], staging: str, config: dict[str, Any]) -> dict[str, Any]:
-    ingest_ = library("medpipe.ingest")
+_STUDY_MODULES = ("medpipe.ingest", "medpipe.ops.stage", "medpipe.inference.stage", "medpipe.report")
+
+
+@task(name="process_study", task_run_name="study-{plan[study_key]}", **STAGE)
+def process_study(plan: dict[str, Any], staging: str, out: str, config: dict[str, Any], provenance: dict[str, Any],
+                  archive: str, gate: str | None = None) -> Any:
+    """Run one study's stages and publish its report (:func:`medpipe.study.process_study`);
+    return its :class:`~medpipe.study.StudyEntry`.
+
+    Each stage shows in the task run's logs as it starts and ends (with its seconds), and a
+    table artifact of the task run lists the stages, their seconds and errors.
+    """
+    for module in _STUDY_MODULES:  # the stages import these lazily: here, under the lock
+        library(module)
+    study = library("medpipe.study")
     cfg = Config.model_validate(config)
-    Path(staging).mkdir(exist_ok=True)  # not parents: a missing work folder means the run is over
-    return _timed(ingest_.ingest_study, ingest_.StudyPlan.from_dict(plan), Path(staging), cfg.ingest)
+    ctx = study.StudyContext(staging=Path(staging), out=Path(out), cfg=cfg, provenance=provenance,
+                             archive=archive, gate=None if gate is None else Path(gate))
+    stages = _StageLog()
+    with cluster_client():  # the stages' chunk work runs on the run's cluster
+        entry = study.process_study(plan, ctx, progress=stages)
+    stages.artifact(entry.study_key, entry.status)
+    return entry
 
 
-@task(name="filter", task_run_name="filter-{study_key}", **STAGE)
-def filter_(study_key: str, ingested: dict[str, Any], staging: str, config: dict[str, Any]) -> dict[str, Any]:
-    return _timed(library("medpipe.ops.stage").filter_study, Path(staging), ingested["modality"], Config.model_validate(config))
+class _StageLog:
+    """The progress hook: a line in the task run's log per stage start and end, and the rows of
+    the stage table (errors come redacted from :mod:`medpipe.study`)."""
 
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
 
-@task(name="segment", task_run_name="segment-{study_key}", **STAGE)
-def segment(study_key: str, filtered: dict[str, Any], ingested: dict[str, Any], staging: str,
-            config: dict[str, Any]) -> dict[str, Any]:
-    return _timed(library("medpipe.ops.stage").segment_study, Path(staging), ingested["modality"], Config.model_validate(config))
+    def __call__(self, stage: str, event: str, info: dict[str, Any]) -> None:
+        from prefect import get_run_logger
 
+        logger = get_run_logger()
+        if event == "start":
+            logger.info("%s: started", stage)
+            return
+        seconds, error = info.get("seconds") or 0.0, info.get("error")
+        self.rows.append({"stage": stage, "seconds": seconds, "status": "failed" if error else "ok",
+                          "error": error})
+        if error:
+            logger.warning("%s: failed after %.2f s: %s", stage, seconds, error)
+        else:
+            logger.info("%s: done in %.2f s", stage, seconds)
 
-@task(name="infer", task_run_name="infer-{study_key}-{model}", **STAGE)
-def infer(study_key: str, ingested: dict[str, Any], staging: str, config: dict[str, Any], model: str | None = None,
-          facts: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the configured model ``model`` (the first when None) on the study, if its domain holds
-    ``facts`` (the plan's, :meth:`medpipe.inference.domain.Facts.from_plan`)."""
-    select_model = library("medpipe.inference.model").select_model
-    infer_study = library("medpipe.inference.stage").infer_study
-    cfg = Config.model_validate(config)
-    if not select_model(cfg, model).enabled:
-        why = "inference disabled in the configuration"
-        return {"skipped": why, "applicable": False, "reason": why}
-    return _timed(infer_study, Path(staging), ingested["modality"], cfg, model, facts)
+    def artifact(self, study_key: str, status: str) -> None:
+        """A table artifact on the task run: each stage, its seconds and error."""
+        from prefect.artifacts import create_table_artifact
+
+        try:
+            create_table_artifact(self.rows, description=f"Stages of study {study_key}: {status}")
+        except Exception as exc:  # the files are the record; the UI's copy may fail with the API
+            log.warning("stage table of study %s not created: %s", study_key, exc)
