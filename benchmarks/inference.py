@@ -3,6 +3,8 @@ beside a bare ``model.predict`` over the same preprocessed batches held in memor
 
     .venv/bin/python benchmarks/inference.py [--slices 192] [--pixels 256] [--batch 32]
                                              [--workers 2] [--threads 1] [--repeats 7]
+    .venv/bin/python benchmarks/inference.py --many-studies 200 --slices 64 [--batch 32]
+                                             [--concurrent 8] [--repeats 2]
 
 Fair and repeatable on a shared machine: both sides see the same slices and batch size and
 are warmed up (the graph built, every worker's model loaded once); the timed repeats
@@ -10,6 +12,13 @@ alternate bare and stage (in turn first), so both see the same load, and the rat
 median of the per-pair ratios. The load average is printed before and after. A breakdown
 times reading, preprocessing and predicting one batch at a time inside one worker (its
 TensorFlow limited to the worker's threads) and in this process (TensorFlow on all cores).
+
+``--many-studies N``: N small studies of ``--slices`` slices through ``infer_study``, ``--concurrent``
+at a time in threads of this process (as one Dask worker process runs several study tasks; each
+study's batches run in its own thread), once with per-study batching (``batch_across_studies``
+off: every study's batches padded and predicted alone) and once with batches filled across
+studies (:mod:`medpipe.inference.batching`), alternating in the same run; prints studies/s,
+``predict`` calls and padded rows of both, and checks that both give the same scores.
 """
 
 from __future__ import annotations
@@ -69,6 +78,80 @@ def breakdown(image_path: str, cfg: Config, n: int, batch: int, repeats: int = 3
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 
+def many_studies(args: argparse.Namespace) -> None:
+    """Per-study batching against batches filled across studies, on ``args.many_studies`` studies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+
+    from medpipe.inference import batching
+    from medpipe.inference.model import load_model, resolve_model
+    from medpipe.inference.stage import infer_study
+
+    load0 = os.getloadavg()
+    n_studies, n = args.many_studies, args.slices
+    spacing = (2.5, 256 / args.pixels, 256 / args.pixels)
+    base = {"batch_size": args.batch, "saliency_slices": 0, "batch_wait_ms": args.wait_ms}
+    cfgs = {"per-study batching": Config.model_validate({"model": {**base, "batch_across_studies": False}}),
+            "batched across studies": Config.model_validate({"model": base})}
+    info = resolve_model(cfgs["per-study batching"].model)
+    model = load_model(info)
+    calls = [0]
+    predict = model.predict
+
+    def counted(batch: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        return predict(batch)
+
+    model.predict = counted  # type: ignore[method-assign]  # both modes call it through here
+    with tempfile.TemporaryDirectory(prefix="medpipe-bench-") as tmp:
+        # 8 distinct phantoms; the N study folders link to them (N full copies would only fill the disk).
+        images = []
+        for seed in range(min(8, n_studies)):
+            ph = ct_phantom((n, args.pixels, args.pixels), spacing, n_lesions=2, seed=seed)
+            images.append(Path(tmp) / f"image-{seed}.zarr")
+            omezarr.write_image(images[-1], ph.hu, spacing, levels=1)
+        studies = []
+        for i in range(n_studies):
+            studies.append(Path(tmp) / f"study-{i:04d}")
+            studies[-1].mkdir()
+            (studies[-1] / "image.zarr").symlink_to(images[i % len(images)])
+
+        def run(cfg: Config) -> tuple[float, int, list]:
+            batching.clear_batchers()
+            calls[0] = 0
+            t = time.perf_counter()
+            with dask.config.set(scheduler="synchronous"), ThreadPoolExecutor(args.concurrent) as pool:
+                res = list(pool.map(lambda s: infer_study(s, "CT", cfg)["slice_scores"], studies))
+            return time.perf_counter() - t, calls[0], res
+
+        for cfg in cfgs.values():  # warm-up: graph built, pools and caches filled
+            run(cfg)
+        times: dict[str, list[float]] = {k: [] for k in cfgs}
+        n_calls: dict[str, int] = {}
+        scores: dict[str, list] = {}
+        for r in range(args.repeats):
+            for name in (list(cfgs) if r % 2 == 0 else list(cfgs)[::-1]):
+                dt, n_calls[name], scores[name] = run(cfgs[name])
+                times[name].append(dt)
+    load1 = os.getloadavg()
+    print(f"{n_studies} studies of {n} slices of {args.pixels}x{args.pixels} int16, batch {args.batch}, "
+          f"{args.concurrent} studies at a time in threads of one process, wait {args.wait_ms:g} ms; "
+          f"model {info.name} {info.version} {info.input_shape}; {os.cpu_count()} CPUs; "
+          f"{args.repeats} alternating repeats")
+    print(f"load average (1, 5, 15 min): before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+          f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print(f"{'mode':<26}{'median s':>10}{'best s':>9}{'studies/s':>11}{'predict calls':>15}{'padded rows':>13}")
+    for name in cfgs:
+        med = float(np.median(times[name]))
+        padded = n_calls[name] * args.batch - n_studies * n
+        print(f"{name:<26}{med:>10.2f}{min(times[name]):>9.2f}{n_studies / med:>11.1f}{n_calls[name]:>15}"
+              f"{padded:>13}")
+    a, b = (float(np.median(times[k])) for k in cfgs)
+    same = scores["per-study batching"] == scores["batched across studies"]
+    print(f"speed-up of batching across studies: {a / b:.2f}x; slice scores identical: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=192)
@@ -76,8 +159,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="threads per worker (and TensorFlow threads)")
-    ap.add_argument("--repeats", type=int, default=7, help="timed pairs (bare, stage), alternating order")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed pairs (bare, stage), alternating order (default 7; 2 with --many-studies)")
+    ap.add_argument("--many-studies", type=int, default=0, metavar="N",
+                    help="N small studies: per-study batching against batches filled across studies")
+    ap.add_argument("--concurrent", type=int, default=8, help="with --many-studies: studies at a time")
+    ap.add_argument("--wait-ms", type=float, default=5.0, help="with --many-studies: model.batch_wait_ms")
     args = ap.parse_args()
+    if args.many_studies:
+        args.repeats = args.repeats or 2
+        return many_studies(args)
+    args.repeats = args.repeats or 7
 
     import distributed
 

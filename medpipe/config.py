@@ -381,10 +381,15 @@ class Config(_Section):
             raise ConfigError(f"{where}invalid configuration:\n{exc}") from None
 
     def fingerprint(self) -> str:
-        """A hash of everything that changes outputs (cluster and run settings excluded)."""
+        """A hash of everything that changes outputs (cluster and run settings excluded).
+
+        Where studies come from and where results go (``pacs``, ``source``, ``send``: addresses,
+        the window, credentials' names) change no output under OUT: a backfill with ``--since``
+        must not redo every study it meets again.
+        """
         import hashlib
 
-        relevant = self.model_dump(mode="json", exclude={"cluster", "run", "schedule"})
+        relevant = self.model_dump(mode="json", exclude={"cluster", "run", "schedule", "pacs", "source", "send"})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -29,6 +29,7 @@ import zarr
 from .. import omezarr
 from ..config import Config, ModelConfig
 from ..errors import MedpipeError, ModelError, StudyError
+from .batching import Batcher, batcher_for
 from .domain import Facts, match
 from .model import ModelInfo, check_compatible, configured_name, load_model, resolve_model, select_model
 from .preprocess import preprocess_slices, restore_slices, slice_geometry
@@ -82,13 +83,18 @@ def _load_batch(arr: Any, start: int, stop: int, info: ModelInfo,
 
 
 def _predict_loaded(model: Any, info: ModelInfo, start: int, loaded: tuple, batch_size: int,
-                    pixel_spacing: tuple[float, float]) -> dict[str, Any]:
+                    pixel_spacing: tuple[float, float], batcher: Batcher | None = None,
+                    session: object | None = None) -> dict[str, Any]:
     batch, bad_input, shape = loaded
     n = batch.shape[0]
-    if n < batch_size:  # one padded shape: every call reuses one compiled graph
-        batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+    if batcher is not None:  # rows packed with other studies' rows, always in full batches
+        out = batcher.predict(batch, session)
+    else:
+        if n < batch_size:  # one padded shape: every call reuses one compiled graph
+            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+        out = model.predict(batch)[:n]
     with np.errstate(invalid="ignore"):
-        scores, mask = _scores(model.predict(batch)[:n], info)
+        scores, mask = _scores(out, info)
     result: dict[str, Any] = {"start": start, "scores": scores, "bad_input": bad_input}
     if mask is not None:
         geom = slice_geometry(shape, pixel_spacing, info.size, info.spacing_mm)
@@ -97,7 +103,8 @@ def _predict_loaded(model: Any, info: ModelInfo, start: int, loaded: tuple, batc
 
 
 def predict_batches(image_path: str, ranges: list[tuple[int, int]], info: ModelInfo, batch_size: int,
-                    pixel_spacing: tuple[float, float] | None = None) -> list[dict[str, Any]]:
+                    pixel_spacing: tuple[float, float] | None = None,
+                    batch_wait_ms: float | None = None) -> list[dict[str, Any]]:
     """One task: read, preprocess and predict consecutive batches with the process's cached model.
 
     While TensorFlow predicts one batch, a second thread reads and preprocesses the next one.
@@ -115,6 +122,11 @@ def predict_batches(image_path: str, ranges: list[tuple[int, int]], info: ModelI
         The model batch every call is padded to.
     pixel_spacing : (float, float), optional
         Row and column spacing in mm; read from the image's metadata when not given.
+    batch_wait_ms : float, optional
+        None: this task's batches are predicted on their own (per-study batching). A number:
+        they go through the process's :class:`~medpipe.inference.batching.Batcher` of the
+        model, which packs rows of all studies in flight in this process into full batches
+        and waits at most this long for more rows when a batch is not full.
 
     Returns
     -------
@@ -127,10 +139,21 @@ def predict_batches(image_path: str, ranges: list[tuple[int, int]], info: ModelI
     if pixel_spacing is None:
         pixel_spacing = omezarr.read_meta(image_path).spacing[1:]
     arr = zarr.open_array(str(Path(image_path) / "0"), mode="r")
+    if batch_wait_ms is None:
+        return _predict_ranges(model, info, arr, ranges, batch_size, pixel_spacing)
+    batcher = batcher_for((info.path, info.sha256), model, batch_size, batch_wait_ms / 1e3, info.name)
+    with batcher.session() as session:
+        return _predict_ranges(model, info, arr, ranges, batch_size, pixel_spacing, batcher, session)
+
+
+def _predict_ranges(model: Any, info: ModelInfo, arr: Any, ranges: list[tuple[int, int]], batch_size: int,
+                    pixel_spacing: tuple[float, float], batcher: Batcher | None = None,
+                    session: object | None = None) -> list[dict[str, Any]]:
+    """Predict ``ranges`` of ``arr`` in turn, loading batch ``i + 1`` in a thread during batch ``i``."""
     if len(ranges) == 1:
         a, b = ranges[0]
         return [_predict_loaded(model, info, a, _load_batch(arr, a, b, info, pixel_spacing), batch_size,
-                                pixel_spacing)]
+                                pixel_spacing, batcher, session)]
     results = []
     with ThreadPoolExecutor(1, thread_name_prefix="medpipe-prefetch") as pool:
         pending = pool.submit(_load_batch, arr, *ranges[0], info, pixel_spacing)
@@ -138,7 +161,7 @@ def predict_batches(image_path: str, ranges: list[tuple[int, int]], info: ModelI
             loaded = pending.result()
             if i + 1 < len(ranges):
                 pending = pool.submit(_load_batch, arr, *ranges[i + 1], info, pixel_spacing)
-            results.append(_predict_loaded(model, info, a, loaded, batch_size, pixel_spacing))
+            results.append(_predict_loaded(model, info, a, loaded, batch_size, pixel_spacing, batcher, session))
     return results
 
 
@@ -401,7 +424,9 @@ def infer_study(study_dir: Path, modality: str, cfg: Config, model: str | None =
     bs = mcfg.batch_size
     spacing = tuple(meta.spacing[1:])
     batches = _ranges(n, bs)
-    tasks = [dask.delayed(predict_batches, pure=False)(str(image_path), [batches[i] for i in run], info, bs, spacing)
+    wait_ms = mcfg.batch_wait_ms if mcfg.batch_across_studies else None
+    tasks = [dask.delayed(predict_batches, pure=False)(str(image_path), [batches[i] for i in run], info, bs, spacing,
+                                                       wait_ms)
              for run in task_runs(len(batches), scheduler_slots())]
     try:
         parts = [part for run in dask.compute(*tasks) for part in run]

@@ -1,0 +1,133 @@
+"""Model batches filled from several studies (medpipe.inference.batching) with real Keras models.
+
+Results must equal per-study batching bit for bit: every ``predict`` call has the same batch
+shape either way (padded to ``batch_size``), and a slice's output row depends only on that
+slice (convolutions, pooling and dense layers work per sample), so only the rows' positions
+in the batch change, not the arithmetic done on them.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+
+from medpipe.errors import StudyError
+from medpipe.inference import batching
+from medpipe.inference.batching import Batcher
+from medpipe.inference.model import load_model, resolve_model
+from medpipe.inference.stage import infer_study
+
+from inference_helpers import TINY, tiny_cfg, write_study
+
+
+def _alone(predict, x: np.ndarray, bs: int) -> np.ndarray:
+    """Per-request batching: ``x`` in padded batches of its own."""
+    outs = []
+    for a in range(0, len(x), bs):
+        part = x[a: a + bs]
+        pad = np.zeros((bs - len(part), *x.shape[1:]), x.dtype)
+        outs.append(predict(np.concatenate([part, pad]))[: len(part)])
+    return np.concatenate(outs)
+
+
+def _concurrently(batcher: Batcher, requests: list[np.ndarray]) -> list[object]:
+    """Each request from its own thread and session, all released at once; outputs or exceptions."""
+    out: list[object] = [None] * len(requests)
+    gate = threading.Barrier(len(requests))
+
+    def one(i: int) -> None:
+        with batcher.session() as s:
+            gate.wait()
+            try:
+                out[i] = batcher.predict(requests[i], s)
+            except Exception as exc:
+                out[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+@pytest.fixture
+def tiny(tiny_model):
+    return load_model(resolve_model(tiny_cfg(tiny_model).model))
+
+
+def test_rows_of_several_callers_equal_their_own_batches(tiny):
+    rng = np.random.default_rng(0)
+    requests = [rng.random((n, TINY, TINY, 1), dtype=np.float32) for n in (3, 7, 12, 1, 5)]
+    b = Batcher(tiny.predict, batch_size=8, wait_s=1.0)
+    outs = _concurrently(b, requests)
+    for x, got in zip(requests, outs):
+        assert np.array_equal(got, _alone(tiny.predict, x, 8))  # bit for bit
+    st = b.stats()
+    assert st["rows"] == 28 and st["calls"] == 4 and st["padded_rows"] == 4  # 28 rows in 4 calls, not 7
+    assert st["mixed_calls"] >= 2
+
+
+def test_a_bad_request_fails_alone(tiny):
+    rng = np.random.default_rng(1)
+    good = [rng.random((n, TINY, TINY, 1), dtype=np.float32) for n in (6, 9)]
+    bad = rng.random((4, TINY, 5), dtype=np.float32)  # not slices of the model's input rank
+    nan = np.full((2, TINY, TINY, 1), np.nan, np.float32)  # NaN rows: NaN out, nobody else's
+    b = Batcher(tiny.predict, batch_size=8, wait_s=1.0)
+    outs = _concurrently(b, [good[0], bad, nan, good[1]])
+    assert np.array_equal(outs[0], _alone(tiny.predict, good[0], 8))
+    assert np.array_equal(outs[3], _alone(tiny.predict, good[1], 8))
+    assert isinstance(outs[1], Exception)
+    assert np.isnan(outs[2]).all()
+
+
+def test_one_caller_never_waits():
+    b = Batcher(lambda x: x + 1, batch_size=64, wait_s=5.0)  # a wait would show as seconds
+    with b.session() as s:
+        out = b.predict(np.zeros((3, 2), np.float32), s)
+    assert out.shape == (3, 2) and (out == 1).all() and b.stats()["calls"] == 1
+
+
+def test_empty_request_is_an_error():
+    b = Batcher(lambda x: x, batch_size=4)
+    with pytest.raises(ValueError, match="at least one row"):
+        b.predict(np.zeros((0, 2)))
+
+
+def _infer_all(studies: list[Path], cfg, modality: str = "CT") -> list[object]:
+    """infer_study of every study at once, one thread each (as a worker runs study tasks)."""
+    def one(study: Path) -> object:
+        try:
+            res = infer_study(study, modality, cfg)
+        except StudyError as exc:
+            return exc
+        res.pop("seconds")
+        return res
+
+    with dask.config.set(scheduler="synchronous"), ThreadPoolExecutor(len(studies)) as pool:
+        return list(pool.map(one, studies))
+
+
+def test_infer_study_batched_across_studies_equals_per_study(tmp_path, tiny_model):
+    studies = [write_study(tmp_path, n_slices=n, seed=s) for s, n in enumerate((7, 16, 3, 23))]
+    studies.append(write_study(tmp_path, n_slices=9, seed=9, nan_slices=(2, 5)))
+    broken = write_study(tmp_path, n_slices=8, seed=10)  # bad input: an undecodable chunk
+    chunks = [p for p in (broken / "image.zarr" / "0").rglob("c*") if p.is_file()]
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"not a chunk")
+    studies.append(broken)
+    batching.clear_batchers()
+    alone = _infer_all(studies, tiny_cfg(tiny_model, batch_size=8, batch_across_studies=False))
+    batched = _infer_all(studies, tiny_cfg(tiny_model, batch_size=8, batch_wait_ms=200))
+    for a, b in zip(alone[:-1], batched[:-1]):
+        assert a == b  # scores, study score and label, flags, saliency: identical
+    assert batched[4]["flags"] and batched[4]["slice_scores"][2] is None
+    assert isinstance(batched[-1], StudyError) and "study-10" in str(batched[-1])
+    stats = batching._BATCHERS[next(iter(batching._BATCHERS))].stats()
+    assert stats["rows"] == 7 + 16 + 3 + 23 + 9 and stats["mixed_calls"] > 0
