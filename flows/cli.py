@@ -1,13 +1,14 @@
 """medpipe: process medical imaging archives in batch (DICOM to OME-Zarr, filters, segmentation, inference, reports).
 
-Exit status of ``medpipe run`` (docs/cli.md): 0 every study ok or skipped, 1 one or more studies
-failed (listed on stderr and in run.json), 2 bad usage or configuration, 3 the run itself failed
-(missing archive, invalid model, output folder locked by another run).
+Exit status of ``medpipe run`` (docs/cli.md): 0 every study ok, skipped or deferred, 1 one or more
+studies failed (listed on stderr and in run.json), 2 bad usage or configuration, 3 the run itself
+failed (missing archive, invalid model, output folder locked by another run, PACS credentials refused).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -37,17 +38,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's and Dask's logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="process an archive (embedded Prefect, local Dask cluster)",
-                         description="Process every study of ARCHIVE into OUT. " + __doc__.split("\n\n")[1])
-    run.add_argument("archive", type=Path, help="folder of DICOM files (any nesting)")
+    run = sub.add_parser("run", help="process an archive or a PACS (embedded Prefect, local Dask cluster)",
+                         description="Process every study of SOURCE into OUT. " + __doc__.split("\n\n")[1])
+    run.add_argument("archive", metavar="SOURCE", help=_SOURCE_HELP)
     run.add_argument("--out", type=Path, required=True, help="output folder (see docs/output-contract.md)")
     _cluster_args(run)
     run.add_argument("--force", action="store_true", help="reprocess studies that are unchanged")
+    _pacs_args(run)
+    run.add_argument("--send", action="append", metavar="DEST", default=None,
+                     help="send SEG/SR back to this PACS (URL as for SOURCE; repeatable; docs/pacs.md)")
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser("plan", help="list studies and series found, and what would be processed")
-    plan.add_argument("archive", type=Path)
+    plan.add_argument("archive", metavar="SOURCE", help=_SOURCE_HELP)
     plan.add_argument("--config", type=Path, help="YAML/JSON/TOML configuration file")
+    plan.add_argument("--out", type=Path, default=None,
+                      help="PACS: the output folder whose watermark starts the window (read only)")
+    _pacs_args(plan)
     plan.set_defaults(func=cmd_plan)
 
     sample = sub.add_parser("sample-archive", help="write the sample archive (MR, CT phantom, real files)")
@@ -84,6 +91,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_SOURCE_HELP = ("folder of DICOM files (any nesting), or a PACS: dicomweb+http(s)://HOST:PORT/PATH "
+                "or dimse://CALLED_AET@HOST:PORT (see docs/pacs.md)")
+
+
+def _date(text: str) -> dt.date:
+    """An argparse type: ``YYYY-MM-DD``."""
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date of the form YYYY-MM-DD") from None
+
+
+def _pacs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", type=_date, metavar="YYYY-MM-DD",
+                   help="PACS: studies from this date on (overrides the watermark; a backfill)")
+    p.add_argument("--until", type=_date, metavar="YYYY-MM-DD", help="PACS: studies up to this date (inclusive)")
+    p.add_argument("--max-studies", type=int, metavar="N", help="PACS: at most N studies this run")
+
+
+def is_pacs_url(source: str) -> bool:
+    """Whether SOURCE names a PACS (a URL) rather than a folder.
+
+    >>> is_pacs_url("dimse://ORTHANC@pacs:4242"), is_pacs_url("/data/archive")
+    (True, False)
+    """
+    return "://" in str(source)
+
+
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML/JSON/TOML configuration file")
     p.add_argument("--workers", type=int, help="Dask worker processes of the local cluster (default 2)")
@@ -114,7 +149,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         cluster["kind"] = args.cluster
     if getattr(args, "dask_address", None):
         cluster.update(kind="address", address=args.dask_address)
-    return {"cluster": cluster} if cluster else {}
+    out: dict[str, Any] = {"cluster": cluster} if cluster else {}
+    source: dict[str, Any] = {}
+    for name in ("since", "until"):
+        if getattr(args, name, None) is not None:
+            source[name] = getattr(args, name).isoformat()
+    if getattr(args, "max_studies", None) is not None:
+        source["max_studies"] = args.max_studies
+    archive = getattr(args, "archive", None)
+    if archive is not None and is_pacs_url(archive):
+        source["url"] = archive
+    if source:
+        out["source"] = source
+    if getattr(args, "send", None):
+        out["send"] = {"destinations": list(args.send)}
+    return out
 
 
 def _load_config(args: argparse.Namespace):
@@ -128,10 +177,38 @@ def _load_config(args: argparse.Namespace):
         raise SystemExit(EXIT_USAGE) from None
 
 
+def _check_source(args: argparse.Namespace, cfg: Any) -> str | None:
+    """The problem with SOURCE, --send, --since/--until for a usage error (exit 2), or None."""
+    from medpipe.errors import MedpipeError
+
+    pacs = is_pacs_url(args.archive)
+    if not pacs and not Path(args.archive).is_dir():
+        return f"{args.archive}: archive folder not found"
+    since, until = getattr(args, "since", None), getattr(args, "until", None)
+    if since and until and since > until:
+        return f"--since {since} is after --until {until}"
+    if not pacs and (since or until or getattr(args, "max_studies", None) is not None):
+        return "--since, --until and --max-studies apply to a PACS source, not to a folder"
+    from medpipe.pacs.address import PacsAddress
+
+    for url in ([args.archive] if pacs else []) + list(getattr(args, "send", None) or []):
+        try:
+            PacsAddress.parse(url)
+        except (MedpipeError, ValueError) as exc:
+            return str(exc)
+    if pacs and cfg.source.since is None:
+        from tasks.pacs import no_watermark_text, watermark_problem
+
+        out = getattr(args, "out", None)
+        return no_watermark_text(args.archive, "(no --out given)") if out is None else watermark_problem(cfg, out)
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args)  # fail on a bad configuration before starting anything
-    if not args.archive.is_dir():
-        print(f"medpipe: {args.archive}: archive folder not found", file=sys.stderr)
+    problem = _check_source(args, cfg)
+    if problem:
+        print(f"medpipe: {problem}", file=sys.stderr)
         return EXIT_USAGE
     from flows.archive import process_archive
     from flows.server import prefect_api
@@ -148,8 +225,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             display.fail(f"run {exc}; run.json records what was done ({args.out / 'run.json'})")
             return exc.exit_status
         except Exception as exc:
-            display.fail(f"run failed: {type(exc).__name__}: {exc}")
-            return EXIT_RUN_FAILED
+            from tasks.pacs import failure_message
+
+            usage, text = failure_message(exc)
+            display.fail(text)
+            return EXIT_USAGE if usage else EXIT_RUN_FAILED
     display.summary(run, args.out)
     return exit_code(run["studies"])
 
@@ -158,9 +238,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     from medpipe.ingest import format_plan, plan_studies, scan_archive
 
-    if not args.archive.is_dir():
-        print(f"medpipe: {args.archive}: archive folder not found", file=sys.stderr)
+    problem = _check_source(args, cfg)
+    if problem:
+        print(f"medpipe: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    if is_pacs_url(args.archive):
+        return _plan_pacs(args, cfg)
+    args.archive = Path(args.archive)
     from medpipe.errors import ModelError
     from medpipe.inference.model import resolve_model
 
@@ -171,6 +255,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"medpipe: models not shown: {exc}", file=sys.stderr)
         models = []
     print(format_plan(plan_studies(scan, cfg.ingest), scan.issues, models))
+    return EXIT_OK
+
+
+def _plan_pacs(args: argparse.Namespace, cfg: Any) -> int:
+    """``medpipe plan`` on a PACS: query only (nothing is retrieved or written)."""
+    from tasks.pacs import failure_message, format_pacs_plan, plan_source
+
+    try:
+        plan = plan_source(cfg, args.out)
+    except Exception as exc:
+        usage, text = failure_message(exc)
+        print(f"medpipe: {text}", file=sys.stderr)
+        return EXIT_USAGE if usage else EXIT_RUN_FAILED
+    print(format_pacs_plan(plan, cfg, args.out))
     return EXIT_OK
 
 
