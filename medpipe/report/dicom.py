@@ -12,19 +12,34 @@ oblique, tilted), one multi-frame image (frames matched through its functional g
 2-D image without patient geometry (CR, DX, US, secondary capture); direction cosines are
 normalised before highdicom copies them.
 
-highdicom copies the patient and study modules from the source images. Unless
-``cfg.report.include_patient_identity`` is on, they are first replaced with anonymous values
-(patient name, ID, birth date, sex, age, accession number, physicians, institution, dates);
-the UIDs stay, because the references need them, and the method is recorded (PS3.15 basic
-profile with the Retain UIDs option) as PatientIdentityRemoved requires.
+Each object is built once, with the source's identity: highdicom copies the patient and study
+modules and UIDs from the source images, so the objects sent to a PACS file into the source
+study. Their own Series, SOP Instance, tracking and dimension UIDs are derived from the study's
+input fingerprint and the object's kind (:func:`medpipe.pacs.identity.derived_uid`): a rerun of
+unchanged inputs makes the same objects, and a resend makes no duplicate in the PACS.
+
+The copies under ``OUT/`` are de-identified unless ``cfg.report.include_patient_identity`` is
+on: the patient and study attributes are replaced with anonymous values (patient name, ID,
+birth date, sex, age, accession number, physicians, institution, dates), every instance UID
+(the study's, the series', the images', the frame of reference, the objects' own and every
+reference to them) is remapped by a keyed one-way hash into ``2.25.`` form with the key in
+``OUT/private/uid-key``, and the method is recorded as PatientIdentityRemoved requires (PS3.15
+basic profile; the UIDs are remapped consistently, so references between SEG and SR hold).
+
+For destinations (``cfg.send``), :func:`write_send_objects` writes the identified objects (SEG,
+SR and the report as a Secondary Capture image) into a folder outside the study folder, for the
+caller to enqueue into the outbox of each destination.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import io
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +50,7 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from .. import __version__, atomic, omezarr
+from ..pacs import identity as ident
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +74,16 @@ NOT_APPLICABLE = pydicom.sr.coding.Code("385432009", "SCT", "Not applicable")
 # derived objects carry, with the UIDs kept so that SEG and SR still reference their sources.
 DEID_CODES = (codes.cid7050.BasicApplicationConfidentialityProfile, codes.cid7050.RetainUidsOption)
 DEID_METHOD = "medpipe: PS3.15 Basic Profile, Retain UIDs Option"  # LO: at most 64 characters
+# "Retain UIDs" no longer: the UIDs are remapped (keyed hash) in the de-identified copies.
+DEID_CODES_REMAPPED = (codes.cid7050.BasicApplicationConfidentialityProfile,)
+DEID_METHOD_REMAPPED = "medpipe: PS3.15 Basic Profile, UIDs remapped by keyed hash"
+# Attributes of IDENTITY that a made object holds about medpipe itself (SEG: type 1).
+OWN_EQUIPMENT = ("DeviceSerialNumber",)
+# Series numbers of the objects medpipe makes (SEG, SR, report image).
+SERIES_NUMBERS = {"seg": 900, "sr": 901, "report": 902}
+KINDS = ("seg", "sr", "report")
+# Random UIDs: the default where a caller gives no fingerprint (tests of the builders).
+UidFor = Callable[[str], str]
 # Words that mark a model label as the negative result ("no_lesion", "normal", ...).
 _NEGATIVE = ("no_", "no ", "non_", "non-", "not_", "normal", "negative", "absent", "healthy", "background")
 _TYPES = {
@@ -106,6 +132,65 @@ def anonymize(ds: pydicom.Dataset, study_key: str) -> pydicom.Dataset:
     out.DeidentificationMethodCodeSequence = [_code_item(c) for c in DEID_CODES]
     out.remove_private_tags()
     return out
+
+
+def deidentify(ds: pydicom.Dataset, study_key: str, key: bytes) -> pydicom.Dataset:
+    """A de-identified copy of a made object: :func:`anonymize`, and every instance UID remapped
+    with ``key`` (:func:`medpipe.pacs.identity.remap_uids`), the method recorded as such."""
+    out = ident.remap_uids(anonymize(ds, study_key), key)
+    _anonymize_items(out)
+    for keyword in OWN_EQUIPMENT:  # medpipe's own (the made object's equipment), not the source's
+        if keyword in ds:
+            setattr(out, keyword, ds[keyword].value)
+    out.DeidentificationMethod = DEID_METHOD_REMAPPED
+    out.DeidentificationMethodCodeSequence = [_code_item(c) for c in DEID_CODES_REMAPPED]
+    return out
+
+
+def _anonymize_items(ds: pydicom.Dataset) -> None:
+    """The identity attributes inside sequence items (highdicom copies the source's institution
+    into ContributingEquipmentSequence) replaced as :func:`anonymize` does at the top level."""
+    for elem in ds:
+        if elem.VR != "SQ":
+            continue
+        for item in elem.value:
+            for keyword, value in IDENTITY.items():
+                if keyword in item:
+                    if value is None:
+                        delattr(item, keyword)
+                    else:
+                        setattr(item, keyword, value)
+            _anonymize_items(item)
+
+
+def random_uids(kind: str) -> str:
+    """A fresh random UID whatever the kind (for callers without a fingerprint)."""
+    return generate_uid()
+
+
+def uids_for(record: dict[str, Any], sources: list[pydicom.Dataset]) -> UidFor:
+    """The UID of each kind of part of the study's objects (``seg/instance``, ``sr/series``...),
+    derived from the study key and input fingerprint of ``record``; without a fingerprint (a
+    record made outside the flow), from the source instances' UIDs."""
+    fingerprint = (record.get("provenance") or {}).get("input_fingerprint")
+    if not fingerprint:
+        digest = hashlib.sha256()
+        for uid in sorted(str(ds.get("SOPInstanceUID", "")) for ds in sources):
+            digest.update(uid.encode() + b"\0")
+        fingerprint = "sources:" + digest.hexdigest()
+    base = f"{record.get('study_key')}:{fingerprint}"
+    return lambda kind: ident.derived_uid(base, kind)
+
+
+def _derive_dimension_uids(ds: pydicom.Dataset, uid_for: UidFor, kind: str) -> None:
+    """Replace the DimensionOrganizationUIDs highdicom makes at random by derived ones."""
+    mapping: dict[str, str] = {}
+
+    def visit(_: pydicom.Dataset, elem: pydicom.DataElement) -> None:
+        if elem.keyword == "DimensionOrganizationUID" and elem.value:
+            elem.value = mapping.setdefault(str(elem.value), uid_for(f"{kind}/dimension/{len(mapping)}"))
+
+    ds.walk(visit)
 
 
 def _code_item(code: Any) -> pydicom.Dataset:
@@ -291,7 +376,8 @@ def seg_frames(labels: np.ndarray, match: SourceFrames) -> np.ndarray:
 
 
 def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], method: str | None,
-              series_number: int = 900, slice_spacing: float | None = None) -> tuple[Any, dict[int, int]]:
+              series_number: int = 900, slice_spacing: float | None = None,
+              uid_for: UidFor = random_uids) -> tuple[Any, dict[int, int]]:
     """The Segmentation dataset and the map label value -> segment number.
 
     Parameters
@@ -306,6 +392,9 @@ def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], me
         The segmentation method (named in the algorithm identification).
     slice_spacing : float, optional
         The volume's slice spacing (mm): the SEG's SliceThickness where the source has none.
+    uid_for : callable
+        The UID of each kind of part (``seg/series``, ``seg/instance``, ``seg/tracking/<v>``):
+        :func:`uids_for` makes them reproducible; the default is random.
     """
     import highdicom as hd
 
@@ -328,17 +417,19 @@ def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], me
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=seg_number[v], segment_label=names[v][:64], segmented_property_category=category,
             segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm, tracking_uid=generate_uid(), tracking_id=f"label {v}: {names[v]}"[:64],
+            algorithm_identification=algorithm, tracking_uid=uid_for(f"seg/tracking/{v}"),
+            tracking_id=f"label {v}: {names[v]}"[:64],
         ))
     seg = hd.seg.Segmentation(
         source_images=[share_frame_geometry(ds) for ds in match.images], pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(), series_number=series_number, sop_instance_uid=generate_uid(),
-        instance_number=1, manufacturer="medpipe", manufacturer_model_name="medpipe", software_versions=__version__,
+        series_instance_uid=uid_for("seg/series"), series_number=series_number,
+        sop_instance_uid=uid_for("seg/instance"), instance_number=1, manufacturer="medpipe", manufacturer_model_name="medpipe", software_versions=__version__,
         device_serial_number="0", content_label="MEDPIPE", content_description=f"medpipe {method or ''}".strip()[:64],
         omit_empty_frames=bool(frames.any()),  # an empty segmentation (a negative result) keeps its frames
     )
     _mend_pixel_measures(seg, slice_spacing)
+    _derive_dimension_uids(seg, uid_for, "seg")
     if "PatientOrientation" not in seg and "ImageOrientationPatient" not in match.images[0]:
         # Type 2C without patient geometry (CR, DX, US, OT); highdicom does not copy it.
         seg.PatientOrientation = match.images[0].get("PatientOrientation") or ""
@@ -439,7 +530,7 @@ def model_evaluation(model: dict[str, Any] | None) -> tuple[Any, Any, str]:
 
 
 def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[int, int],
-             record: dict[str, Any], series_number: int = 901) -> Any:
+             record: dict[str, Any], series_number: int = 901, uid_for: UidFor = random_uids) -> Any:
     """Comprehensive 3D SR (TID 1500): each model's result and the volume of each measured label.
 
     Each model's result is one measurement group holding one qualitative evaluation (Present,
@@ -452,15 +543,15 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(), name="medpipe", manufacturer_name="medpipe", model_name=__version__),
+            uid=uid_for("sr/device"), name="medpipe", manufacturer_name="medpipe", model_name=__version__),
     )
     groups = []
-    for model in record.get("models") or [record.get("model")]:
+    for n, model in enumerate(record.get("models") or [record.get("model")]):
         finding, value, text = model_evaluation(model)
         model_id = hd.sr.AlgorithmIdentification(name=str((model or {}).get("name") or "medpipe")[:64],
                                                  version=str((model or {}).get("version") or __version__)[:64])
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=text[:64]),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=uid_for(f"sr/tracking/model/{n}"), identifier=text[:64]),
             finding_type=finding, algorithm_id=model_id,
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=value)]))
     algorithm = hd.sr.AlgorithmIdentification(name="medpipe", version=__version__)
@@ -469,7 +560,7 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
         category, kind = property_codes(m["name"])
         measurement = hd.sr.Measurement(name=codes.SCT.Volume, value=float(m["volume_ml"]), unit=UCUM_ML,
                                         algorithm_id=algorithm)
-        tracking = hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"label {v}: {m['name']}"[:64])
+        tracking = hd.sr.TrackingIdentifier(uid=uid_for(f"sr/tracking/label/{v}"), identifier=f"label {v}: {m['name']}"[:64])
         if seg is not None and v in seg_number:
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking, referenced_segment=referenced_segment(seg, seg_number[v]),
@@ -486,33 +577,30 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
     )
     evidence = ([seg] if seg is not None else []) + list(sources)
     return hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report[0], series_instance_uid=generate_uid(), series_number=series_number,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="medpipe", is_complete=True,
+        evidence=evidence, content=report[0], series_instance_uid=uid_for("sr/series"), series_number=series_number,
+        sop_instance_uid=uid_for("sr/instance"), instance_number=1, manufacturer="medpipe", is_complete=True,
     )
 
 
-def _prepare(sources: list[pydicom.Dataset], record: dict[str, Any], identity: bool) -> list[pydicom.Dataset]:
-    """Copies of the source headers fit for highdicom to copy into SEG and SR.
+def _prepare(sources: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """Copies of the source headers fit for highdicom to copy into SEG, SR and the report image.
 
-    Anonymous unless ``identity``; type 2 attributes present; unit direction cosines and valid
-    positions; a de-identification method wherever identity is marked removed.
+    Type 2 attributes present; unit direction cosines and valid positions; a de-identification
+    method wherever identity is marked removed. The identity stays (de-identification is done
+    on the made objects, so that one build serves the PACS and OUT).
     """
-    out = []
-    for ds in sources:
-        ds = copy.deepcopy(ds) if identity else anonymize(ds, record["study_key"])
-        out.append(with_deid_method(normalise_geometry(with_type2(ds))))
-    return out
+    return [with_deid_method(normalise_geometry(with_type2(copy.deepcopy(ds)))) for ds in sources]
 
 
 def _object(kind: str, file: str | None, reason: str | None) -> dict[str, Any]:
     return {"object": kind, "file": file, "made": file is not None, "reason": reason}
 
 
-def _not_attempted(record: dict[str, Any], enabled: bool, flag: str, sources: list[pydicom.Dataset],
+def _not_attempted(record: dict[str, Any], disabled: str | None, sources: list[pydicom.Dataset],
                    source_files: list[str]) -> str | None:
-    """Why an object is not made before trying, or None."""
-    if not enabled:
-        return f"disabled by configuration (report.{flag} is false)"
+    """Why an object is not made before trying, or None; ``disabled`` is the reason when off."""
+    if disabled:
+        return disabled
     if record.get("status") != "ok":
         return "the study failed: " + str(record.get("error") or "see error")
     if not source_files:
@@ -522,39 +610,42 @@ def _not_attempted(record: dict[str, Any], enabled: bool, flag: str, sources: li
     return None
 
 
-def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
-                        source_files: list[str] | None) -> tuple[list[dict[str, Any]], list[str]]:
-    """Write ``seg.dcm`` and ``sr.dcm`` as configured.
+@dataclass
+class MadeObjects:
+    """The identified objects of a study (``seg``, ``sr``, ``report``), why others were not made,
+    and the warnings of those whose making failed."""
+
+    datasets: dict[str, pydicom.Dataset] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def make_objects(study_dir: Path, record: dict[str, Any], source_files: list[str] | None,
+                 disabled: dict[str, str]) -> MadeObjects:
+    """Build the study's objects with the source's identity and derived UIDs.
 
     Parameters
     ----------
     study_dir : Path
-        The study folder (``image.zarr`` with ``labels/`` inside); the objects are written here.
+        The study folder (``image.zarr`` with ``labels/``).
     record : dict
-        The study's report record (status, segmentation, measurements, model result).
-    cfg : Config
-        ``cfg.report``: which objects, and whether they carry patient identity.
+        The study's report record.
     source_files : list of str or None
         The DICOM files of the series used.
-
-    Returns
-    -------
-    objects : list of dict
-        One per object (``seg``, ``sr``): ``object``, ``file`` (or None), ``made`` and the
-        ``reason`` it was not made (None when made).
-    problems : list of str
-        Warnings for objects whose making failed (not for those off by configuration).
+    disabled : dict
+        Kind (``seg``, ``sr``, ``report``) to the reason it is not wanted; the others are made.
     """
-    rc = cfg.report
     study_dir = Path(study_dir)
     source_files = list(source_files or [])
-    wanted = record.get("status") == "ok" and (rc.dicom_seg or rc.dicom_sr)
+    made = MadeObjects()
+    wanted = record.get("status") == "ok" and any(k not in disabled for k in KINDS)
     sources = _read_sources(source_files) if wanted else []
-    ordered = _prepare(sources, record, rc.include_patient_identity)
-    problems: list[str] = []
+    ordered = _prepare(sources)
+    uid_for = uids_for(record, sources)
+    key = record.get("study_key")
 
-    seg, seg_number, seg_file = None, {}, None
-    reason = _not_attempted(record, rc.dicom_seg, "dicom_seg", sources, source_files)
+    seg, seg_number = None, {}
+    reason = _not_attempted(record, disabled.get("seg"), sources, source_files)
     segmentation = record.get("segmentation") or {}
     image = study_dir / "image.zarr"
     if reason is None and not (segmentation.get("labels") and (image / "labels").is_dir()):
@@ -566,25 +657,227 @@ def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
             names = {int(k): v for k, v in segmentation["labels"].items()} or omezarr.label_names(image)
             match = match_sources(ordered, meta.affine, meta.shape)
             seg, seg_number = build_seg(match, labels, names, segmentation.get("method"),
-                                        slice_spacing=float(meta.spacing[0]))
-            atomic.write_bytes(study_dir / "seg.dcm", _encode(seg))
-            seg_file = "seg.dcm"
+                                        slice_spacing=float(meta.spacing[0]), uid_for=uid_for)
+            made.datasets["seg"] = seg
         except Exception as exc:  # a derived object's failure is a warning, never the study's
-            log.warning("SEG of study %s not written: %s", record["study_key"], exc, exc_info=True)
+            log.warning("SEG of study %s not made: %s", key, exc, exc_info=True)
             reason, seg = f"{type(exc).__name__}: {exc}", None
-            problems.append(f"DICOM SEG not written: {exc}")
-    objects = [_object("seg", seg_file, reason)]
+            made.problems.append(f"DICOM SEG not written: {exc}")
+    if reason is not None:
+        made.reasons["seg"] = reason
 
-    sr_file = None
-    reason = _not_attempted(record, rc.dicom_sr, "dicom_sr", sources, source_files)
+    reason = _not_attempted(record, disabled.get("sr"), sources, source_files)
     if reason is None:
         try:
-            sr = build_sr(ordered, seg, seg_number, record)
-            atomic.write_bytes(study_dir / "sr.dcm", _encode(sr))
-            sr_file = "sr.dcm"
+            made.datasets["sr"] = build_sr(ordered, seg, seg_number, record, uid_for=uid_for)
         except Exception as exc:
-            log.warning("SR of study %s not written: %s", record["study_key"], exc, exc_info=True)
+            log.warning("SR of study %s not made: %s", key, exc, exc_info=True)
             reason = f"{type(exc).__name__}: {exc}"
-            problems.append(f"DICOM SR not written: {exc}")
-    objects.append(_object("sr", sr_file, reason))
-    return objects, problems
+            made.problems.append(f"DICOM SR not written: {exc}")
+    if reason is not None:
+        made.reasons["sr"] = reason
+
+    reason = _not_attempted(record, disabled.get("report"), sources, source_files)
+    if reason is None:
+        try:
+            made.datasets["report"] = build_report_image(study_dir, record, ordered[0], uid_for=uid_for)
+        except Exception as exc:
+            log.warning("report image of study %s not made: %s", key, exc, exc_info=True)
+            reason = f"{type(exc).__name__}: {exc}"
+            made.problems.append(f"DICOM report image not written: {exc}")
+    if reason is not None:
+        made.reasons["report"] = reason
+    return made
+
+
+def output_root(study_dir: Path) -> Path:
+    """The output folder OUT of a study folder: ``OUT/.work/<run>/<key>`` (staging) or
+    ``OUT/studies/<key>``; any other folder's parent (a study folder made outside the flow)."""
+    study_dir = Path(study_dir).resolve()
+    for parent in study_dir.parents:
+        if parent.name in (".work", "studies"):
+            return parent.parent
+    return study_dir.parent
+
+
+def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
+                        source_files: list[str] | None, *, send_dir: Path | None = None,
+                        uid_key: bytes | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Write ``seg.dcm`` and ``sr.dcm`` as configured.
+
+    Parameters
+    ----------
+    study_dir : Path
+        The study folder (``image.zarr`` with ``labels/`` inside); the objects are written here.
+    record : dict
+        The study's report record (status, segmentation, measurements, model result).
+    cfg : Config
+        ``cfg.report``: which objects, and whether they carry patient identity (off: the copies
+        are de-identified and their UIDs remapped with the UID key).
+    source_files : list of str or None
+        The DICOM files of the series used.
+    send_dir : Path, optional
+        Also write the objects for destinations (``cfg.send``) into this folder, from the same
+        build where the same objects are wanted (see :func:`write_send_objects`). Never a
+        folder under the study folder: the sent objects carry the patient's identity.
+    uid_key : bytes, optional
+        The key of the UID remap; default ``OUT/private/uid-key`` of :func:`output_root`.
+
+    Returns
+    -------
+    objects : list of dict
+        One per object (``seg``, ``sr``): ``object``, ``file`` (or None), ``made`` and the
+        ``reason`` it was not made (None when made).
+    problems : list of str
+        Warnings for objects whose making failed (not for those off by configuration).
+    """
+    rc = cfg.report
+    study_dir = Path(study_dir)
+    disabled = {}
+    for kind, flag in (("seg", "dicom_seg"), ("sr", "dicom_sr")):
+        if not getattr(rc, flag):
+            disabled[kind] = f"disabled by configuration (report.{flag} is false)"
+    send_wanted = set(_send_cfg(cfg).objects) if send_dir is not None else set()
+    # One build serves both when the destinations want the same SEG and SR as OUT.
+    one_pass = send_dir is not None and all((k in send_wanted) == (k not in disabled) for k in ("seg", "sr"))
+    if not (one_pass and "report" in send_wanted):
+        disabled["report"] = "not an output file"
+    made = make_objects(study_dir, record, source_files, disabled)
+    identified = rc.include_patient_identity
+    key = None if identified else (uid_key or ident.load_uid_key(output_root(study_dir)))
+    objects = []
+    for kind in ("seg", "sr"):
+        ds, file = made.datasets.get(kind), None
+        if ds is not None:
+            out = ds if identified else deidentify(ds, record["study_key"], key)
+            atomic.write_bytes(study_dir / f"{kind}.dcm", _encode(out))
+            file = f"{kind}.dcm"
+        objects.append(_object(kind, file, made.reasons.get(kind)))
+    if one_pass:
+        _write_send(Path(send_dir), made, send_wanted, record, cfg, uid_key)
+    elif send_dir is not None:
+        made.problems += write_send_objects(study_dir, record, cfg, source_files, send_dir, uid_key=uid_key).problems
+    return objects, made.problems
+
+
+def _send_cfg(cfg: Any) -> Any:
+    """``cfg.send``, or its defaults where a configuration has no send section."""
+    send = getattr(cfg, "send", None)
+    if send is None:
+        from ..config import SendConfig
+
+        send = SendConfig()
+    return send
+
+
+def _write_send(send_dir: Path, made: MadeObjects, wanted: set[str], record: dict[str, Any], cfg: Any,
+                uid_key: bytes | None) -> list[Path]:
+    send_dir = Path(send_dir)
+    send_dir.mkdir(parents=True, exist_ok=True)
+    deidentified = _send_cfg(cfg).identity == "deidentified"
+    files = []
+    for kind in KINDS:
+        ds = made.datasets.get(kind)
+        if ds is None or kind not in wanted:
+            continue
+        if deidentified:
+            uid_key = uid_key or ident.load_uid_key(output_root(send_dir))
+            ds = deidentify(ds, record["study_key"], uid_key)
+        files.append(atomic.write_bytes(send_dir / f"{kind}.dcm", _encode(ds)))
+    return files
+
+
+@dataclass
+class SendObjects:
+    """What :func:`write_send_objects` wrote: the files, why the others were not made, warnings."""
+
+    files: list[Path]
+    reasons: dict[str, str]
+    problems: list[str]
+
+
+def write_send_objects(study_dir: Path, record: dict[str, Any], cfg: Any, source_files: list[str] | None,
+                       send_dir: Path, *, uid_key: bytes | None = None) -> SendObjects:
+    """Write the objects for destinations into ``send_dir``: ``seg.dcm``, ``sr.dcm`` and
+    ``report.dcm`` (a Secondary Capture of the report's key slices and findings), as
+    ``cfg.send.objects`` lists them.
+
+    They carry the source's patient and study modules and UIDs (``cfg.send.identity`` "source",
+    the default: they file into the source study), or the de-identified form of the files under
+    OUT ("deidentified"). Their Series and SOP Instance UIDs are derived from the study's input
+    fingerprint, so a rerun of unchanged inputs writes the same objects.
+
+    ``send_dir`` must lie outside the published study folder (the objects are identifying); the
+    caller enqueues its files into each destination's outbox (:class:`medpipe.pacs.outbox.Outbox`).
+
+    Example
+    -------
+    >>> made = write_send_objects(staging, record, cfg, plan.files, out / ".work" / run_id / "send" / key)  # doctest: +SKIP
+    >>> for url in cfg.send.destinations:                                                     # doctest: +SKIP
+    ...     Outbox(out, url).enqueue(key, record["provenance"]["input_fingerprint"], made.files)
+    """
+    wanted = set(_send_cfg(cfg).objects)
+    disabled = {k: "not in send.objects" for k in KINDS if k not in wanted}
+    made = make_objects(Path(study_dir), record, source_files, disabled)
+    files = _write_send(send_dir, made, wanted, record, cfg, uid_key)
+    return SendObjects(files, made.reasons, made.problems)
+
+
+def report_lines(record: dict[str, Any]) -> list[str]:
+    """The text of the report image: each model's result and each measured label's volume."""
+    lines = [f"medpipe {__version__}: automatic results (check before clinical use)"]
+    for model in record.get("models") or [record.get("model")]:
+        lines.append(model_evaluation(model)[2])
+    for m in (record.get("segmentation") or {}).get("measurements") or []:
+        lines.append(f"{m['name']}: {float(m['volume_ml']):.1f} ml")
+    candidates = (record.get("segmentation") or {}).get("lesion_candidates") or []
+    if candidates:
+        lines.append(f"lesion candidates: {len(candidates)}")
+    return [line.encode("ascii", "replace").decode("ascii") for line in lines]
+
+
+def report_pixels(study_dir: Path, record: dict[str, Any]) -> np.ndarray:
+    """The report as one RGB picture: the key slices (from report.html's figures) side by side
+    and the findings' text under them."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .figures import study_figures
+
+    figs = study_figures(study_dir, record, max_px=512)
+    panels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(f.png))).convert("RGB"))
+              for f in figs.key_slices[:3]]
+    lines = report_lines(record)
+    font = ImageFont.load_default(size=16)
+    line_h, pad = 22, 12
+    width = max(640, sum(p.shape[1] for p in panels) + pad * (len(panels) + 1))
+    top = max((p.shape[0] for p in panels), default=0) + (2 * pad if panels else pad)
+    canvas = Image.new("RGB", (width, top + line_h * len(lines) + pad), (0, 0, 0))
+    x = pad
+    for p in panels:
+        canvas.paste(Image.fromarray(p), (x, pad))
+        x += p.shape[1] + pad
+    draw = ImageDraw.Draw(canvas)
+    for n, line in enumerate(lines):
+        draw.text((pad, top + n * line_h), line, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
+def build_report_image(study_dir: Path, record: dict[str, Any], source: pydicom.Dataset,
+                       series_number: int = SERIES_NUMBERS["report"], uid_for: UidFor = random_uids) -> Any:
+    """The report as a Secondary Capture image in the source's study (patient and study modules
+    copied from ``source``), for viewers that cannot show SEG or SR."""
+    import highdicom as hd
+
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=report_pixels(study_dir, record), photometric_interpretation="RGB",
+        bits_allocated=8, coordinate_system="PATIENT", patient_orientation=("L", "P"),
+        series_instance_uid=uid_for("report/series"), series_number=series_number,
+        sop_instance_uid=uid_for("report/instance"), instance_number=1, manufacturer="medpipe")
+    # A page of several pictures and text has no one orientation: PatientOrientation is type 2,
+    # present and empty (highdicom insists on a value for the patient coordinate system).
+    sc.PatientOrientation = ""
+    sc.Laterality = source.get("Laterality") or ""  # type 2C: the source's, or empty (unknown)
+    sc.BurnedInAnnotation = "YES"  # the findings are written into the pixels
+    sc.SeriesDescription = "medpipe report"
+    sc.ConversionType = "WSD"  # workstation: made by software, not digitised
+    return sc

@@ -25,6 +25,8 @@ from medpipe import omezarr
 from medpipe.config import Config
 from medpipe.ingest import ingest_study, plan_studies, scan_archive
 from medpipe.ops.stage import filter_study, segment_study
+from medpipe.pacs.identity import derived_uid, load_uid_key, remap_uid
+from medpipe.report.dicom import output_root, write_send_objects
 from medpipe.phantom import ct_phantom
 from medpipe.report import assemble_record, validate_report, write_study_report
 from medpipe.sample.series import write_series
@@ -165,7 +167,8 @@ def test_seg_reads_back_as_the_zarr_labels(made):
     kind, study_dir, files, report = made
     seg = hd.seg.segread(study_dir / "seg.dcm")
     labels = np.asarray(omezarr.read_labels(study_dir / "image.zarr").compute())
-    frames = _source_frames(files)
+    key = load_uid_key(output_root(study_dir))  # the de-identified SEG references remapped UIDs
+    frames = [(remap_uid(uid, key), n) for uid, n in _source_frames(files)]
     assert len(frames) == labels.shape[0]
     names = report["segmentation"]["labels"]
     assert {d.SegmentLabel for d in seg.SegmentSequence} == {n for v, n in names.items() if v != "0"}
@@ -191,7 +194,8 @@ def test_seg_orientation_is_unit_and_identity_method_recorded(made):
     for name in ("seg.dcm", "sr.dcm"):
         ds = pydicom.dcmread(study_dir / name)
         assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod
-        assert {c.CodeValue for c in ds.DeidentificationMethodCodeSequence} == {"113100", "113110"}
+        # Basic profile; not "Retain UIDs" (113110): the UIDs are remapped by a keyed hash.
+        assert {c.CodeValue for c in ds.DeidentificationMethodCodeSequence} == {"113100"}
     seg = pydicom.dcmread(study_dir / "seg.dcm")
     shared = seg.SharedFunctionalGroupsSequence[0]
     if kind in PROJECTION:
@@ -280,3 +284,25 @@ def test_identity_kept_from_a_source_deidentified_elsewhere(tmp_path):
         assert ds.PatientID == "DEID-7" and ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod
         if DCIODVFY:
             assert dciodvfy_errors(study_dir / name) == [], name
+
+
+def test_objects_for_a_pacs_carry_the_source_identity_and_pass_dciodvfy(made, tmp_path):
+    """The identified copies for destinations (SEG, SR, report as Secondary Capture): the source's
+    patient and study, UIDs derived from the input fingerprint, and no dciodvfy error."""
+    kind, study_dir, files, report = made
+    sent = write_send_objects(study_dir, report, Config(), files, tmp_path / "send")
+    assert [f.name for f in sent.files] == ["seg.dcm", "sr.dcm", "report.dcm"], (kind, sent)
+    assert not sent.problems and not sent.reasons
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    base = f"{report['study_key']}:{report['provenance']['input_fingerprint']}"
+    for f in sent.files:
+        ds = pydicom.dcmread(f)
+        assert ds.PatientID == source.PatientID == kind and ds.StudyInstanceUID == source.StudyInstanceUID
+        assert "PatientIdentityRemoved" not in ds or ds.PatientIdentityRemoved != "YES"
+        assert ds.SOPInstanceUID == derived_uid(base, f"{f.stem}/instance"), (kind, f.name)
+        assert ds.SeriesInstanceUID == derived_uid(base, f"{f.stem}/series")
+        if DCIODVFY:
+            assert dciodvfy_errors(f) == [], f"{kind} {f.name}"
+    seg = hd.seg.segread(sent.files[0])
+    assert {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence} \
+        <= {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}

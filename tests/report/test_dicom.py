@@ -6,6 +6,7 @@ import pydicom
 import pytest
 
 from medpipe.config import Config
+from medpipe.pacs.identity import load_uid_key, remap_uid
 from medpipe.report import assemble_record, validate_report, write_study_report
 
 from_conftest_patient = {"PatientName": "Doe^Jane", "PatientID": "PID-12345", "PatientBirthDate": "19600101",
@@ -32,13 +33,15 @@ def test_seg_matches_zarr_labels_voxel_for_voxel(study):
     assert written == {"html": "report.html", "json": "report.json", "seg": "seg.dcm", "sr": "sr.dcm"}
     assert saved["outputs"] == written and not any("SEG" in w for w in saved["warnings"])
     seg = hd.seg.segread(study.study_dir / "seg.dcm")
-    assert seg.SeriesInstanceUID != study.series_uid and seg.StudyInstanceUID == study.study_uid
+    # De-identified: the study's and sources' UIDs remapped with OUT/private/uid-key.
+    key = load_uid_key(study.study_dir.parent.parent)
+    assert seg.SeriesInstanceUID != study.series_uid and seg.StudyInstanceUID == remap_uid(study.study_uid, key)
     referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
-    assert referenced == {study.series_uid}
+    assert referenced == {remap_uid(study.series_uid, key)}
     # Source images in the order of their position along the slice normal (what the Zarr holds).
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in study.files]
     sources.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
-    uids = [ds.SOPInstanceUID for ds in sources]
+    uids = [remap_uid(ds.SOPInstanceUID, key) for ds in sources]
     by_number = {d.SegmentNumber: d for d in seg.SegmentSequence}
     for number, desc in by_number.items():
         value = int(desc.TrackingID.split(":")[0].split()[1])
@@ -80,7 +83,40 @@ def test_patient_identity_when_configured(study):
     for name in ("seg.dcm", "sr.dcm"):
         ds = pydicom.dcmread(study.study_dir / name)
         assert str(ds.PatientName) == "Doe^Jane" and ds.PatientID == "PID-12345"
-        assert ds.PatientBirthDate == "19600101"
+        assert ds.PatientBirthDate == "19600101" and ds.StudyInstanceUID == study.study_uid
+
+
+def _uids(ds: pydicom.Dataset) -> set[str]:
+    found = set()
+    ds.walk(lambda _, e: found.update(map(str, e.value if e.VM > 1 else [e.value])) if e.VR == "UI" else None)
+    return found
+
+
+def test_out_files_hold_no_source_uid_and_reference_each_other(study):
+    """Every instance UID of the de-identified SEG and SR is a keyed remap: none of the source's
+    UIDs is left, and the SR still references the SEG (the same remap on both sides)."""
+    _write(study)
+    source = set()
+    for f in study.files:
+        source |= _uids(pydicom.dcmread(f, stop_before_pixels=True)) - {pydicom.uid.CTImageStorage}
+    seg, sr = (pydicom.dcmread(study.study_dir / n) for n in ("seg.dcm", "sr.dcm"))
+    for ds in (seg, sr):
+        assert not (_uids(ds) & source)
+        assert ds.StudyInstanceUID.startswith("2.25.") and ds.SOPInstanceUID.startswith("2.25.")
+        assert ds.DeidentificationMethod.endswith("UIDs remapped by keyed hash")
+    assert seg.SOPInstanceUID in _uids(sr) and seg.FrameOfReferenceUID == sr.get("FrameOfReferenceUID",
+                                                                                 seg.FrameOfReferenceUID)
+    assert (study.study_dir.parent.parent / "private" / "uid-key").stat().st_mode & 0o777 == 0o600
+
+
+def test_rerun_makes_the_same_uids(study):
+    """Unchanged inputs: the same SOP, series, tracking and dimension UIDs (only dates differ)."""
+    _write(study)
+    first = {n: pydicom.dcmread(study.study_dir / n) for n in ("seg.dcm", "sr.dcm")}
+    _write(study)
+    for name, ds in first.items():
+        again = pydicom.dcmread(study.study_dir / name)
+        assert _uids(again) == _uids(ds), name
 
 
 def test_sr_without_seg_and_failures_are_warnings(study):
