@@ -279,6 +279,9 @@ class PacsConfig(_Section):
 class SourceConfig(_Section):
     """Where studies come from: a folder (the CLI's SOURCE) or a PACS, and the nightly window."""
 
+    # a URL wrongly holding user:password must not be echoed back in the validation error
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
     url: str | None = Field(None, description="dicomweb+http(s)://HOST:PORT/PATH or dimse://AET@HOST:PORT; "
                                              "None: the folder given to the CLI.")
     overlap_hours: float = Field(24.0, ge=0, description="The window starts this long before the watermark "
@@ -298,6 +301,17 @@ class SourceConfig(_Section):
                                                             "(DICOM wildcards * and ?).")
     cache_dir: Path | None = Field(None, description="Retrieval cache (None: OUT/.work/pacs-cache).")
     cache_max_gb: float = Field(20.0, gt=0, description="Bound of the retrieval cache on a worker.")
+
+    @model_validator(mode="after")
+    def _url_is_an_address(self) -> "SourceConfig":
+        """A PACS URL is checked at load (scheme, AE title, no credentials in it)."""
+        if self.url is not None:
+            from .pacs.address import PacsAddress   # here: medpipe.pacs imports this module
+
+            PacsAddress.parse(self.url)
+        if self.since and self.until and self.since > self.until:
+            raise ValueError(f"source.since {self.since} is after source.until {self.until}")
+        return self
 
 
 class SendConfig(_Section):
@@ -329,6 +343,10 @@ class SendConfig(_Section):
 
 
 class Config(_Section):
+    # errors name the field and the reason, not the input: a PACS URL wrongly holding
+    # user:password (refused by SourceConfig) must not be echoed into a log
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     segment: SegmentConfig = Field(default_factory=SegmentConfig)

@@ -146,8 +146,8 @@ class DicomWebClient:
 
     # ------------------------------------------------------------------ QIDO-RS
     def find_studies(self, query: StudyQuery) -> list[RemoteStudy]:
-        """QIDO-RS ``/studies`` by StudyDate range, ModalitiesInStudy (one query per modality,
-        merged) and StudyDescription, each with its instance and series counts."""
+        """QIDO-RS ``/studies`` by StudyDate range, ModalitiesInStudy (several as one comma list,
+        matched as any of) and StudyDescription, each with its instance and series counts."""
         params: dict[str, Any] = {"includefield": [
             "StudyDate", "StudyTime", "ModalitiesInStudy", "StudyDescription",
             "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]}   # repeated: Orthanc reads no comma list
@@ -161,18 +161,18 @@ class DicomWebClient:
             params["StudyInstanceUID"] = query.study_uid
         if query.limit:
             params["limit"] = query.limit
+        if query.modalities:
+            params["ModalitiesInStudy"] = ",".join(query.modalities)
         found: dict[str, RemoteStudy] = {}
-        for modality in (list(query.modalities) or [None]):
-            p = dict(params, **({"ModalitiesInStudy": modality} if modality else {}))
-            for item in self._json("studies", p):
-                s = RemoteStudy(
-                    study_uid=str(_tag(item, "0020000D", "")), study_date=str(_tag(item, "00080020", "") or ""),
-                    study_time=str(_tag(item, "00080030", "") or ""), modalities=_tag_all(item, "00080061"),
-                    description=str(_tag(item, "00081030", "") or ""),
-                    n_series=_int(_tag(item, "00201206")), n_instances=_int(_tag(item, "00201208")),
-                )
-                if s.study_uid:
-                    found[s.study_uid] = s
+        for item in self._json("studies", params):
+            s = RemoteStudy(
+                study_uid=str(_tag(item, "0020000D", "")), study_date=str(_tag(item, "00080020", "") or ""),
+                study_time=str(_tag(item, "00080030", "") or ""), modalities=_tag_all(item, "00080061"),
+                description=str(_tag(item, "00081030", "") or ""),
+                n_series=_int(_tag(item, "00201206")), n_instances=_int(_tag(item, "00201208")),
+            )
+            if s.study_uid:
+                found[s.study_uid] = s
         return list(found.values())
 
     def find_series(self, study_uid: str) -> list[RemoteSeries]:

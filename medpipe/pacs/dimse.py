@@ -190,9 +190,10 @@ class DimseClient:
         return with_retries(attempt, cfg=self.cfg, what=what)
 
     def find_studies(self, query: StudyQuery) -> list[RemoteStudy]:
-        """C-FIND at STUDY level (one query per modality, merged), with NumberOfStudyRelated* counts."""
+        """C-FIND at STUDY level (several modalities as one multi-valued ModalitiesInStudy), with
+        NumberOfStudyRelated* counts."""
         found: dict[str, RemoteStudy] = {}
-        for modality in (list(query.modalities) or [""]):
+        for modality in ["\\".join(query.modalities)]:
             q = Dataset()
             q.QueryRetrieveLevel = "STUDY"
             q.StudyInstanceUID = query.study_uid or ""

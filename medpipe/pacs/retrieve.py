@@ -1,0 +1,146 @@
+"""Retrieving one planned study into the worker's cache, with its completeness proven.
+
+:func:`fetch_study` takes a plan's ``source`` dict (:func:`medpipe.pacs.plan.plan_pacs`), streams
+every planned series into ``cache_dir/<study-key>/`` (Part 10 files as the PACS sent them,
+compressed transfer syntaxes included; never a whole study in memory) and checks steps 2 and 3 of
+:mod:`medpipe.pacs.completeness`. The caller then scans that folder as a folder archive
+(``medpipe.ingest.scan_archive`` + ``plan_studies``) and removes it (:func:`drop_study`) once the
+study is published. A study that is still growing or arrived short raises
+:class:`~medpipe.pacs.client.IncompleteStudy` (the caller defers it) and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+
+from .client import IncompleteStudy, PacsClient, PacsError
+
+log = logging.getLogger(__name__)
+
+
+class SeriesGrowing(IncompleteStudy):
+    """A series' count changed between two observations of this run: still receiving instances."""
+
+
+def study_folder(cache_dir: Path, source: dict[str, Any]) -> Path:
+    return Path(cache_dir) / source["study_key"]
+
+
+def cache_bytes(cache_dir: Path) -> int:
+    """Bytes of the files under ``cache_dir`` (0 when it does not exist)."""
+    root = Path(cache_dir)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+
+def wait_for_space(cache_dir: Path, max_bytes: int | None, timeout_s: float = 600.0,
+                   sleep: Callable[[float], None] = time.sleep) -> None:
+    """Wait while the cache holds ``max_bytes`` or more (studies in flight free it when published)."""
+    if not max_bytes:
+        return
+    deadline = time.monotonic() + timeout_s
+    while (used := cache_bytes(cache_dir)) >= max_bytes:
+        if time.monotonic() >= deadline:
+            raise PacsError(f"retrieval cache {cache_dir} holds {used / 1e9:.1f} GB >= source.cache_max_gb "
+                            f"for {timeout_s:.0f} s: are finished studies' folders removed?")
+        sleep(1.0)
+
+
+def recheck_counts(source: dict[str, Any], client: PacsClient,
+                   sleep: Callable[[float], None] = time.sleep) -> None:
+    """Count again the series planned with ``recheck`` (first seen, no server stability flag), once
+    ``recheck_after`` has passed; a changed count raises :class:`SeriesGrowing`."""
+    todo = [s for s in source["series"] if s.get("recheck")]
+    if not todo:
+        return
+    wait = float(source.get("recheck_after") or 0) - time.time()
+    if wait > 0:
+        sleep(wait)
+    now = {se.series_uid: se.n_instances for se in client.find_series(source["study_uid"])}
+    changed = {}
+    for s in todo:
+        n = now.get(s["series_uid"])
+        if n is None:
+            n = len(client.list_instances(source["study_uid"], s["series_uid"]))
+        if n != s["expected"]:
+            changed[s["series_uid"]] = (s["expected"], n)
+    if changed:
+        what = "; ".join(f"series {_label(source, uid)}: {a} -> {b} instance(s)" for uid, (a, b) in changed.items())
+        raise SeriesGrowing(f"study {source['study_key']}: still growing ({what}): deferred", changed)
+
+
+def _label(source: dict[str, Any], series_uid: str) -> str:
+    for i, s in enumerate(source["series"]):
+        if s["series_uid"] == series_uid:
+            return f"{s.get('number') if s.get('number') is not None else i} ({s.get('modality') or '?'})"
+    return "?"
+
+
+def arrived_uids(folder: Path) -> dict[str, Path]:
+    """SOPInstanceUID -> file of every DICOM file in ``folder`` (headers only)."""
+    out: dict[str, Path] = {}
+    for p in sorted(Path(folder).iterdir()):
+        try:
+            ds = dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            out[str(ds.SOPInstanceUID)] = p
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is a missing instance
+            log.warning("%s: received file is not readable DICOM (%s)", p, exc)
+    return out
+
+
+def fetch_study(source: dict[str, Any], cache_dir: Path, client: PacsClient, *,
+                max_bytes: int | None = None, sleep: Callable[[float], None] = time.sleep) -> Path:
+    """Retrieve the planned series of one study into ``cache_dir/<study-key>/``; return that folder.
+
+    Raises
+    ------
+    SeriesGrowing, IncompleteStudy
+        A count changed, the listing disagrees with the count, or the instances that arrived are
+        not exactly those listed (the folder is removed; the study is deferred by the caller).
+    PacsAuthError, PacsUnavailable
+        From the client (after its retries).
+    """
+    recheck_counts(source, client, sleep)
+    wait_for_space(cache_dir, max_bytes, sleep=sleep)
+    folder = study_folder(cache_dir, source)
+    if folder.exists():
+        shutil.rmtree(folder)   # a previous attempt's leftovers
+    folder.mkdir(parents=True)
+    study_uid = source["study_uid"]
+    try:
+        for i, s in enumerate(source["series"]):
+            uid, expected = s["series_uid"], int(s["expected"])
+            listed = set(client.list_instances(study_uid, uid))
+            if len(listed) != expected:
+                raise SeriesGrowing(f"study {source['study_key']}: series {_label(source, uid)} lists "
+                                    f"{len(listed)} instance(s) where {expected} were counted: still changing",
+                                    {uid: (expected, len(listed))})
+            dest = folder / f"series-{i:03d}"
+            t0 = time.monotonic()
+            n = client.retrieve_series(study_uid, uid, dest)
+            got = arrived_uids(dest)
+            missing = listed - set(got)
+            extra = set(got) - listed
+            if missing or extra or n != len(got):
+                raise IncompleteStudy(
+                    f"study {source['study_key']}: series {_label(source, uid)}: {len(set(got) & listed)} of "
+                    f"{expected} listed instance(s) arrived ({len(missing)} missing, {len(extra)} not listed, "
+                    f"{n - len(got)} unreadable or duplicate): deferred",
+                    {uid: (expected, len(set(got) & listed))})
+            log.debug("study %s series %d: %d instance(s) in %.2f s", source["study_key"], i, n,
+                      time.monotonic() - t0)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def drop_study(cache_dir: Path, source: dict[str, Any]) -> None:
+    """Remove a study's cache folder (after it is published, or when it is given up)."""
+    shutil.rmtree(study_folder(cache_dir, source), ignore_errors=True)
