@@ -6,7 +6,8 @@ study in a 128-slice batch computes half padding, and an accelerator waits betwe
 small calls. Here every caller in the process submits its preprocessed slices to the
 :class:`Batcher` of its model; the batcher's thread packs rows from all waiting requests, in
 arrival order, into batches of ``batch_size`` (a request may be split over two batches), calls
-``predict`` once per batch and hands each request its own output rows.
+``predict`` once per batch and hands each request its own output rows. A caller's whole
+batches need no filling: they are predicted in its own thread, as without the batcher.
 
 Batching is per process: Dask worker processes each hold their own model and batcher, and no
 rows cross processes (sending slices between processes would cost more than the padding saved).
@@ -17,7 +18,7 @@ study alone never waits, and neither do studies that all have their rows queued 
 
 >>> import numpy as np
 >>> b = Batcher(lambda x: x * 2, batch_size=4, wait_s=0.0)
->>> b.predict(np.arange(6, dtype=np.float32)[:, None]).ravel().tolist()
+>>> b.predict(np.arange(6, dtype=np.float32)[:, None]).ravel().tolist()  # 4 rows, then 2 padded to 4
 [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
 >>> b.stats()["calls"], b.stats()["padded_rows"]
 (2, 2)
@@ -58,7 +59,8 @@ class Batcher:
     ----------
     predict : callable
         ``predict(batch) -> outputs`` with one output row per input row; always called with
-        exactly ``batch_size`` rows (zero rows pad a batch that is not full), from one thread.
+        exactly ``batch_size`` rows (zero rows pad a batch that is not full): from the batching
+        thread, and from callers' threads for their whole batches (see :meth:`predict`).
     batch_size : int
         Rows per ``predict`` call.
     wait_s : float
@@ -118,8 +120,19 @@ class Batcher:
         return req.future
 
     def predict(self, rows: np.ndarray, session: object | None = None) -> np.ndarray:
-        """The output rows of ``rows``, predicted in batches shared with other callers."""
-        return self.submit(rows, session).result()
+        """The output rows of ``rows``, predicted in batches shared with other callers.
+
+        Whole batches of ``rows`` are predicted at once in the calling thread (nothing to fill,
+        and several callers' full batches keep running side by side as before); only the rest
+        goes through the batching thread.
+        """
+        rows = np.asarray(rows)
+        n = rows.shape[0] if rows.ndim else 0
+        full = n - n % self.batch_size
+        outs = [self._call([rows[a: a + self.batch_size]]) for a in range(0, full, self.batch_size)]
+        if full < n or n == 0:  # an empty request fails in submit
+            outs.append(self.submit(rows[full:] if rows.ndim else rows, session).result())
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def stats(self) -> dict[str, int]:
         """``calls`` to predict, real ``rows``, ``padded_rows`` and ``mixed_calls`` (rows of 2+ requests)."""

@@ -131,3 +131,17 @@ def test_infer_study_batched_across_studies_equals_per_study(tmp_path, tiny_mode
     assert isinstance(batched[-1], StudyError) and "study-10" in str(batched[-1])
     stats = batching._BATCHERS[next(iter(batching._BATCHERS))].stats()
     assert stats["rows"] == 7 + 16 + 3 + 23 + 9 and stats["mixed_calls"] > 0
+
+
+def test_whole_batches_run_in_the_callers_thread():
+    seen: list[str] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        seen.append(threading.current_thread().name)
+        return x * 3
+
+    b = Batcher(predict, batch_size=4, wait_s=0.0, name="t")
+    out = b.predict(np.arange(10, dtype=np.float32)[:, None])
+    assert out.ravel().tolist() == [3.0 * i for i in range(10)]
+    me = threading.current_thread().name
+    assert seen == [me, me, "medpipe-batch-t"]  # 2 whole batches here, the last 2 rows padded there
