@@ -114,3 +114,33 @@ def test_no_secret_in_any_output_byte_or_log(orthanc_factory, tmp_path, caplog):
     data = _all_bytes(out) + caplog.text.encode() + repr(box.summary()).encode()
     for secret in {*right.secrets(), *wrong.secrets()}:
         assert secret.encode() not in data, "a secret is in the outputs"
+
+
+def test_deliver_all_two_destinations_one_down(orthanc_factory, tmp_path):
+    """STOW-RS to one Orthanc, C-STORE to another that is down: the first gets the study, the
+    second's outbox keeps it (run.json's summaries say so) until a later run delivers it."""
+    from medpipe.pacs.send import deliver_all, enqueue_study, stray_outboxes
+
+    up, down = orthanc_factory(), orthanc_factory()
+    record, sources, out, objects = processed_study(tmp_path)
+    up.upload(sources)
+    down.upload(sources)
+    cfg = Config.model_validate({"send": {"destinations": [up.dicomweb_url, down.dimse_url]},
+                                 "pacs": PACS.model_dump()})
+    fp = record["provenance"]["input_fingerprint"]
+    assert enqueue_study(out, cfg, record["study_key"], fp, objects) == [up.dicomweb_url, down.dimse_url]
+    down.stop()
+    first, second = deliver_all(out, cfg)
+    assert (first["delivered"], first["pending"]) == (1, 0)
+    assert (second["delivered"], second["pending"]) == (0, 1) and second["unavailable"]
+    study_uid = str(pydicom.dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID)
+    assert up.instance_count(study_uid) == len(sources) + 3
+    down.start()
+    first, second = deliver_all(out, cfg)
+    assert first["pending"] == 0 and (second["delivered"], second["pending"]) == (1, 0)
+    assert down.instance_count(study_uid) == len(sources) + 3
+    # The unchanged study is not enqueued again; a destination dropped from the configuration
+    # with results still waiting is reported.
+    assert enqueue_study(out, cfg, record["study_key"], fp, objects) == []
+    Outbox(out, "dimse://GONE@127.0.0.1:9").enqueue(record["study_key"], fp, objects)
+    assert [s["pending"] for s in stray_outboxes(out, cfg)] == [1]
