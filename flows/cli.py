@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     serve = sub.add_parser("serve", help="serve the archive flow as a nightly Prefect deployment")
-    serve.add_argument("--archive", type=Path, required=True)
+    serve.add_argument("--archive", required=True, metavar="SOURCE", help=_SOURCE_HELP)
+    serve.add_argument("--send", action="append", metavar="DEST", default=None,
+                       help="send SEG/SR back to this PACS every night (repeatable; docs/pacs.md)")
     serve.add_argument("--out", type=Path, required=True)
     serve.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
     serve.add_argument("--cron", default=None, help="cron schedule (default from config: 0 2 * * *)")
@@ -268,7 +270,7 @@ def _plan_pacs(args: argparse.Namespace, cfg: Any) -> int:
         usage, text = failure_message(exc)
         print(f"medpipe: {text}", file=sys.stderr)
         return EXIT_USAGE if usage else EXIT_RUN_FAILED
-    print(format_pacs_plan(plan, cfg, args.out))
+    print(format_pacs_plan(plan))
     return EXIT_OK
 
 

@@ -12,8 +12,10 @@ refused, PACS unavailable) without any secret in them.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +72,10 @@ def watermark_problem(cfg: Config, out: str | Path) -> str | None:
     (a first run with no watermark and no ``since``), or None. Reads only."""
     if cfg.source.since is not None or not cfg.source.url:
         return None
+    from medpipe.pacs import PacsAddress
     from medpipe.pacs.state import load_state
 
-    if load_state(out, cfg.source.url).watermark is None:
+    if load_state(Path(out), PacsAddress.parse(cfg.source.url)).watermark is None:
         return no_watermark_text(cfg.source.url, out)
     return None
 
@@ -101,45 +104,36 @@ def failure_message(exc: BaseException) -> tuple[bool, str]:
 
 
 # --------------------------------------------------------------------------- plan
-def plan_source(cfg: Config, out: str | Path | None, now: dt.datetime | None = None) -> Any:
-    """Query the configured PACS for the studies of this run's window (retrieves nothing)."""
+def plan_source(cfg: Config, out: str | Path | None,
+                is_done: Callable[[str, str], bool] | None = None) -> Any:
+    """Query the configured PACS for the studies of this run's window (retrieves nothing, writes
+    nothing): a :class:`medpipe.pacs.plan.PacsPlan`. Without ``out`` only ``since`` can start it."""
     from medpipe.pacs.plan import plan_pacs
 
-    now = now or dt.datetime.now(dt.timezone.utc)
     with _closing(open_source(cfg)) as client:
-        return plan_pacs(client, cfg, Path(out) if out is not None else None, now)
+        if out is not None:
+            return plan_pacs(client, cfg, Path(out), is_done=is_done)
+        with tempfile.TemporaryDirectory(prefix="medpipe-plan-") as empty:  # no state: since decides
+            return plan_pacs(client, cfg, Path(empty), is_done=is_done)
+
+
+def format_pacs_plan(plan: Any) -> str:
+    """What ``medpipe plan`` prints for a PACS: the window, each study to fetch, each left for later."""
+    from medpipe.pacs.plan import format_pacs_plan as text
+
+    return text(plan)
 
 
 @task(name="plan-pacs", cache_policy=NO_CACHE, persist_result=False, retries=0)
-def plan(config: dict[str, Any], out: str) -> Any:
-    """The run's :class:`medpipe.pacs.plan.PacsPlan` (studies to fetch, deferred ones, the window)."""
+def plan(config: dict[str, Any], out: str, is_done: Callable[[str, str], bool] | None = None) -> Any:
+    """The run's :class:`medpipe.pacs.plan.PacsPlan` (studies to fetch, deferred ones, the window).
+
+    Call it (not ``.submit``): it runs in the flow's process, which holds the credentials."""
     cfg = Config.model_validate(config)
-    got = plan_source(cfg, out)
-    log.info("PACS %s: %d studies to fetch, %d deferred", _redacted(cfg.source.url), len(got.plans),
-             len(got.deferred))
+    got = plan_source(cfg, out, is_done)
+    log.info("PACS %s: %d studies to fetch, %d deferred, %d skipped", _redacted(cfg.source.url), len(got.plans),
+             len(got.deferred), len(got.skipped))
     return got
-
-
-def format_pacs_plan(plan: Any, cfg: Config, out: str | Path | None) -> str:
-    """What ``medpipe plan`` prints for a PACS: the window, each study to fetch, each left for later."""
-    window = plan.window or {}
-    lines = [f"PACS {_redacted(cfg.source.url)}",
-             f"window: {_fmt(window.get('start'))} -> {_fmt(window.get('end'))}",
-             f"{len(plan.plans)} studies would be fetched, {len(plan.deferred)} deferred", ""]
-    for p in plan.plans:
-        series = (p.get("source") or {}).get("series") or []
-        n = sum(int(s.get("expected") or 0) for s in series)
-        lines.append(f"  fetch    {p['study_key']}  {p.get('modality') or '?':<4} "
-                     f"{len(series)} series, {n} instances")
-    for d in plan.deferred:
-        lines.append(f"  deferred {d['study_key']}  {d.get('reason', '')}")
-    for s in getattr(plan, "skipped", None) or []:
-        lines.append(f"  skip     {s['study_key']}  {s.get('reason', '')}")
-    return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    return "–" if value is None else (value.isoformat() if hasattr(value, "isoformat") else str(value))
 
 
 def _redacted(url: str | None) -> str:
@@ -161,3 +155,99 @@ class _closing:
         close = getattr(self.client, "close", None)
         if close is not None:
             close()
+
+
+# --------------------------------------------------------------------------- fetch (on the workers)
+class PacsFetch:
+    """The ``fetch`` seam of :func:`medpipe.study.process_study` for a study planned from a PACS.
+
+    Retrieves the study's planned series (``plan["source"]``) into ``cache/<study-key>/``
+    (:func:`medpipe.pacs.retrieve.fetch_study`: counts proven, :class:`~medpipe.pacs.IncompleteStudy`
+    when short or still growing, which defers the study), then scans and plans that folder as
+    discovery does for an archive folder. The folder stays until :meth:`cleanup` (the objects for
+    the destinations are written from it after the study is published). Picklable and free of
+    secrets: credentials are resolved when it runs, on the worker.
+    """
+
+    def __init__(self, config: dict[str, Any], source: dict[str, Any], cache: str | Path):
+        self.config, self.source, self.cache = config, dict(source), Path(cache)
+        self.fetched: Any = None  # the StudyPlan of the retrieved files, once fetched
+
+    def __call__(self, plan: Any, folder: Path) -> Any:
+        from medpipe.ingest import plan_studies, scan_archive
+        from medpipe.pacs.retrieve import fetch_study
+
+        cfg = Config.model_validate(self.config)
+        with _closing(open_source(cfg, self.source.get("address"))) as client:
+            root = fetch_study(self.source, self.cache, client, max_bytes=int(cfg.source.cache_max_gb * 1e9))
+        scan = scan_archive(Path(root), cfg.ingest)
+        found = [p for p in plan_studies(scan, cfg.ingest) if p.study_key == plan.study_key]
+        if not found or not found[0].files:
+            from medpipe.errors import StudyError
+
+            why = found[0].skip_reason if found else "no series of this study"
+            raise StudyError(plan.study_key, f"the retrieved files hold nothing to process: {why}")
+        got = found[0]
+        # The study's identity for skipping and for the sent objects' UIDs is what the PACS
+        # listed (series and instances), not the cache's paths and times.
+        got.fingerprint = plan.fingerprint or got.fingerprint
+        self.fetched = got
+        return got
+
+    @property
+    def folder(self) -> Path:
+        return self.cache / str(self.source.get("study_key"))
+
+    def cleanup(self) -> None:
+        """Remove the study's retrieved files (identifying; the published study no longer needs them)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def enqueue_results(entry: Any, fetch: PacsFetch, cfg: Config, out: str | Path, fingerprint: str,
+                    send_dir: Path) -> list[str]:
+    """Write the identified objects of a processed study and put them into each destination's
+    outbox; return the problems (the study's result stands either way: it is published)."""
+    from medpipe.pacs.outbox import Outbox
+    from medpipe.report.dicom import write_send_objects
+
+    destinations = list(cfg.send.destinations)
+    if not destinations or entry.status != "ok" or fetch.fetched is None:
+        return []
+    import json
+
+    study_dir = Path(out) / "studies" / entry.study_key
+    record = json.loads((study_dir / "report.json").read_text())
+    record.setdefault("provenance", {})["input_fingerprint"] = fingerprint
+    made = write_send_objects(study_dir, record, cfg, list(fetch.fetched.files), send_dir)
+    problems = list(made.problems)
+    if made.files:
+        for url in destinations:
+            Outbox(out, url).enqueue(entry.study_key, fingerprint, made.files)
+    return problems
+
+
+# --------------------------------------------------------------------------- outboxes (in the flow)
+@task(name="deliver-outboxes", cache_policy=NO_CACHE, persist_result=False, retries=0)
+def deliver_outboxes(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
+    """Send what every configured destination's outbox holds (this run's results and those left
+    by earlier runs); return each destination's summary for run.json.
+
+    A destination that is down keeps its entries pending (the next run sends them); a destination
+    that refuses the credentials fails the run (:class:`~medpipe.pacs.PacsAuthError`, exit 3).
+    """
+    from medpipe.pacs import open_client
+    from medpipe.pacs.outbox import Outbox
+
+    cfg = Config.model_validate(config)
+    summaries = []
+    destinations = list(cfg.send.destinations)
+    creds = credentials(cfg) if destinations else None
+    for url in destinations:
+        box = Outbox(out, url)
+        if box.pending():
+            with _closing(open_client(box.address, cfg.pacs, creds)) as client:
+                report = box.deliver(client, creds)
+            log.info("outbox %s: %d delivered, %d failed", box.address.redacted(), len(report.delivered),
+                     len(report.failed))
+        summaries.append(box.summary())
+    return summaries

@@ -22,7 +22,7 @@ URL = "dicomweb+http://127.0.0.1:9/dicom-web"  # port 9 (discard): nothing answe
     (["run", "dimse://pacs", "--out", "{out}"], "dimse"),
     (["run", "dicomweb+https://alice:s3cret@pacs:443/dicom-web", "--out", "{out}"], "credentials do not belong"),
     (["run", URL, "--out", "{out}", "--send", "dimse://@host:1"], "dimse"),
-    (["run", URL, "--out", "{out}", "--since", "2026-11-02", "--until", "2026-11-01"], "after --until"),
+    (["run", URL, "--out", "{out}", "--since", "2026-11-02", "--until", "2026-11-01"], "is after"),
     (["run", URL, "--out", "{out}"], "--since"),
     (["plan", URL], "--since"),
     (["run", "{folder}", "--out", "{out}", "--since", "2026-11-01"], "PACS source"),
@@ -32,11 +32,19 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     folder = tmp_path / "archive"
     folder.mkdir()
     argv = [a.format(out=tmp_path / "out", folder=folder) for a in argv]
-    assert main(argv) == EXIT_USAGE
+    assert _status(argv) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("medpipe: ") and expected.lower() in err.lower(), err
     assert "s3cret" not in err
     assert not (tmp_path / "out").exists(), "a refused run must not create its output folder"
+
+
+def _status(argv: list[str]) -> int:
+    """The exit status of ``medpipe ARGV`` (a refused configuration exits through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
 
 
 def test_bad_date_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
