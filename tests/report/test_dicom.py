@@ -136,3 +136,37 @@ def test_sr_without_seg_and_failures_are_warnings(study):
     seg, sr = saved["objects"]
     assert not seg["made"] and seg["file"] is None and seg["reason"].startswith("ValueError: no source image at")
     assert sr == {"object": "sr", "file": "sr.dcm", "made": True, "reason": None}
+
+
+def test_objects_for_destinations_in_one_pass(study, tmp_path):
+    """write_dicom_outputs(send_dir=...): the identified SEG, SR and report image for a PACS, from
+    the same build as the OUT files (the same objects, told apart only by identity and UIDs)."""
+    from medpipe.report.dicom import write_dicom_outputs
+
+    doc = assemble_record(study.study_dir.name, study.stages, study.timings, study.provenance)
+    objects, problems = write_dicom_outputs(study.study_dir, doc, Config(), study.files, send_dir=tmp_path / "send")
+    assert [o["file"] for o in objects] == ["seg.dcm", "sr.dcm"] and not problems
+    assert sorted(p.name for p in (tmp_path / "send").iterdir()) == ["report.dcm", "seg.dcm", "sr.dcm"]
+    key = load_uid_key(study.study_dir.parent.parent)
+    for name in ("seg.dcm", "sr.dcm"):
+        sent, kept = pydicom.dcmread(tmp_path / "send" / name), pydicom.dcmread(study.study_dir / name)
+        assert str(sent.PatientName) == "Doe^Jane" and sent.StudyInstanceUID == study.study_uid
+        assert kept.SOPInstanceUID == remap_uid(sent.SOPInstanceUID, key)
+    report = pydicom.dcmread(tmp_path / "send" / "report.dcm")
+    assert report.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and report.BurnedInAnnotation == "YES"
+    assert report.pixel_array.ndim == 3 and report.pixel_array.shape[2] == 3
+    assert report.StudyInstanceUID == study.study_uid and report.PatientID == "PID-12345"
+
+
+def test_destinations_may_get_the_deidentified_form(study, tmp_path):
+    from medpipe.report.dicom import write_send_objects
+
+    doc = assemble_record(study.study_dir.name, study.stages, study.timings, study.provenance)
+    cfg = Config.model_validate({"send": {"identity": "deidentified", "objects": ["sr"]}})
+    sent = write_send_objects(study.study_dir, doc, cfg, study.files, tmp_path / "send")
+    (path,) = sent.files
+    ds = pydicom.dcmread(path)
+    key = load_uid_key(study.study_dir.parent.parent)
+    assert path.name == "sr.dcm" and ds.PatientIdentityRemoved == "YES" and "Doe" not in _identity_text(ds)
+    assert ds.StudyInstanceUID == remap_uid(study.study_uid, key)
+    assert sent.reasons == {"seg": "not in send.objects", "report": "not in send.objects"}
