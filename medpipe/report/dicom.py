@@ -844,19 +844,22 @@ def report_pixels(study_dir: Path, record: dict[str, Any]) -> np.ndarray:
     from .figures import study_figures
 
     figs = study_figures(study_dir, record, max_px=512)
-    panels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(f.png))).convert("RGB"))
-              for f in figs.key_slices[:3]]
+    keys = figs.key_slices[:3]
+    panels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(f.png))).convert("RGB")) for f in keys]
     lines = report_lines(record)
     font = ImageFont.load_default(size=16)
     line_h, pad = 22, 12
     width = max(640, sum(p.shape[1] for p in panels) + pad * (len(panels) + 1))
-    top = max((p.shape[0] for p in panels), default=0) + (2 * pad if panels else pad)
+    top = max((p.shape[0] for p in panels), default=0) + (2 * pad + line_h if panels else pad)
     canvas = Image.new("RGB", (width, top + line_h * len(lines) + pad), (0, 0, 0))
-    x = pad
-    for p in panels:
-        canvas.paste(Image.fromarray(p), (x, pad))
-        x += p.shape[1] + pad
     draw = ImageDraw.Draw(canvas)
+    x = pad
+    for f, p in zip(keys, panels):
+        canvas.paste(Image.fromarray(p), (x, pad))
+        caption = f"{f.title}: {f.caption}" if f.caption else f.title
+        draw.text((x, pad + p.shape[0] + 4), caption.encode("ascii", "replace").decode("ascii"),
+                  fill=(200, 200, 200), font=ImageFont.load_default(size=13))
+        x += p.shape[1] + pad
     for n, line in enumerate(lines):
         draw.text((pad, top + n * line_h), line, fill=(255, 255, 255), font=font)
     return np.asarray(canvas)
