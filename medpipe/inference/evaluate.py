@@ -1,4 +1,9 @@
-"""Evaluate a model over a labelled archive: metrics, ROC curve and a short report.
+"""Evaluate a model over a labelled archive: infer every labelled study, score, write the record.
+
+This is the driver; the parts live in modules of their own: labels files in
+:mod:`~medpipe.inference.labels_io`, metrics in :mod:`~medpipe.inference.metrics`, Dice in
+:mod:`~medpipe.inference.dice`, Markdown/HTML/ROC rendering in
+:mod:`~medpipe.inference.evaluation_report`. Their public names stay importable from here.
 
 Labels file
 -----------
@@ -36,9 +41,6 @@ Either a folder of ingested studies (``<study>/image.zarr``, as written by the p
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -49,118 +51,17 @@ import numpy as np
 from ..atomic import write_bytes, write_json, write_text
 from ..config import Config
 from ..errors import InputError, MedpipeError, StudyError
-from ..keys import study_key
 from .data import make_labelled_volumes
 from .dice import mask_counts, overlap_scores, read_mask
+from .evaluation_report import html_classification, html_masks, markdown_classification, markdown_masks, roc_png
+from .labels_io import match_study, read_labels_file, read_mask_labels
+from .metrics import binary_metrics, summary
 from .stage import infer_study
 
 log = logging.getLogger(__name__)
 
 __all__ = ["binary_metrics", "evaluate_archive", "evaluate_masks", "evaluate_studies", "make_labelled_volumes",
            "read_labels_file", "read_mask_labels"]
-
-
-def _read_study_table(path: Path, columns: tuple[str, ...], what: str) -> list[tuple[str, Any]]:
-    """``(study, value)`` rows of a CSV with a ``study`` column and the first of ``columns``, or
-    of a JSON object mapping study to value."""
-    if not path.is_file():
-        raise InputError(path, "labels file not found")
-    try:
-        if path.suffix.lower() == ".json":
-            raw = json.loads(path.read_text())
-            if not isinstance(raw, dict):
-                raise ValueError(f"JSON labels must be an object mapping study to {what}")
-            return [(str(k).strip(), v) for k, v in raw.items()]
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            col = next((c for c in columns if c in (reader.fieldnames or [])), None)
-            if "study" not in (reader.fieldnames or []) or col is None:
-                raise ValueError(f"CSV labels need a header with the columns study,{columns[0]}")
-            return [(row["study"].strip(), row[col]) for row in reader]
-    except (ValueError, KeyError) as exc:
-        raise InputError(path, f"unreadable labels: {exc}") from None
-
-
-def read_labels_file(path: str | Path) -> dict[str, int]:
-    """Read a labels file (CSV ``study,label`` or JSON mapping) into ``{study: 0|1}``."""
-    path = Path(path)
-    items = _read_study_table(path, ("label",), "0/1")
-    try:
-        labels = {k: int(v) for k, v in items}
-    except (ValueError, TypeError) as exc:
-        raise InputError(path, f"unreadable labels: {exc}") from None
-    bad = sorted(k for k, v in labels.items() if v not in (0, 1))
-    if bad:
-        raise InputError(path, f"labels must be 0 or 1; not so for {bad[:5]}")
-    return labels
-
-
-def read_mask_labels(path: str | Path) -> dict[str, Path]:
-    """Read a labels file that names reference masks (CSV ``study,mask`` or JSON) into ``{study: path}``.
-
-    Relative mask paths are taken relative to the labels file's folder; whether the masks
-    exist is checked per study during evaluation.
-    """
-    path = Path(path)
-    items = _read_study_table(path, ("mask", "label"), "a mask path")
-    bad = sorted(k for k, v in items if not isinstance(v, str) or not v.strip())
-    if bad:
-        raise InputError(path, f"a segmentation model needs a mask path per study; not so for {bad[:5]}")
-    return {k: path.parent / v.strip() for k, v in items}
-
-
-def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
-    """Accuracy, precision, recall, F1, ROC AUC and confusion counts of scores at ``threshold``.
-
-    >>> m = binary_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.7, 0.9]))
-    >>> m["accuracy"], m["roc_auc"]
-    (0.75, 1.0)
-    """
-    from sklearn import metrics as skm
-
-    y_true = np.asarray(y_true, int)
-    scores = np.asarray(scores, float)
-    y_pred = (scores >= threshold).astype(int)
-    tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
-    both = len(np.unique(y_true)) == 2
-    return {
-        "n": int(y_true.size), "positives": int(y_true.sum()), "threshold": float(threshold),
-        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "precision": float(skm.precision_score(y_true, y_pred, zero_division=0)),
-        "recall": float(skm.recall_score(y_true, y_pred, zero_division=0)),
-        "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
-        "roc_auc": float(skm.roc_auc_score(y_true, scores)) if both else None,
-        "confusion": {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)},
-    }
-
-
-def roc_png(y_true: np.ndarray, scores: np.ndarray, title: str) -> bytes:
-    """PNG of the ROC curve (needs both classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    fpr, tpr, _ = roc_curve(y_true, scores)
-    fig = Figure(figsize=(4, 4), dpi=100)
-    ax = fig.add_subplot()
-    ax.plot(fpr, tpr, lw=2, label=f"AUC = {roc_auc_score(y_true, scores):.3f}")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _match(labels: dict[str, Any], key: str, uid: str | None, salt: str) -> Any:
-    for name in (key, uid):
-        if name is not None and name in labels:
-            return labels[name]
-    hashed = {study_key(k, salt): v for k, v in labels.items()}
-    return hashed.get(key)
 
 
 def evaluate_studies(
@@ -176,7 +77,7 @@ def evaluate_studies(
     t0 = time.perf_counter()
     rows, errors, unlabelled = [], [], []
     for key, folder in sorted(studies.items()):
-        truth = _match(labels, key, (uids or {}).get(key), cfg.ingest.uid_salt)
+        truth = match_study(labels, key, (uids or {}).get(key), cfg.ingest.uid_salt)
         if truth is None:
             unlabelled.append(key)
             continue
@@ -209,9 +110,8 @@ def evaluate_studies(
     if record["roc_png"]:
         write_bytes(out_dir / "roc.png", roc_png(y, s, title))
     write_json(out_dir / "evaluation.json", record)
-    md = _markdown(record)
-    write_text(out_dir / "evaluation.md", md)
-    write_text(out_dir / "evaluation.html", _html(record))
+    write_text(out_dir / "evaluation.md", markdown_classification(record))
+    write_text(out_dir / "evaluation.html", html_classification(record))
     return record
 
 
@@ -242,12 +142,6 @@ def _study_overlap(key: str, folder: Path, mask_path: Path, cfg: Config) -> dict
     prediction = read_mask(folder / "image.zarr" / "labels" / "model")
     scores = overlap_scores(mask_counts(reference, prediction, max(1, len(names))), names)
     return {"study": key, "mask": str(mask_path), **scores, "flags": res["flags"], "model": res["model"]}
-
-
-def _summary(values: list[float | None]) -> dict[str, Any]:
-    v = np.array([x for x in values if x is not None], float)
-    return {"n": int(v.size), "mean": float(v.mean()) if v.size else None,
-            "median": float(np.median(v)) if v.size else None}
 
 
 def evaluate_masks(
@@ -286,7 +180,7 @@ def evaluate_masks(
     rows: list[dict[str, Any]] = []
     errors, unlabelled = [], []
     for key, folder in sorted(studies.items()):
-        mask_path = _match(masks, key, (uids or {}).get(key), cfg.ingest.uid_salt)
+        mask_path = match_study(masks, key, (uids or {}).get(key), cfg.ingest.uid_salt)
         if mask_path is None:
             unlabelled.append(key)
             continue
@@ -298,15 +192,15 @@ def evaluate_masks(
         first = f"; first error: {errors[0]['study']}: {errors[0]['error']}" if errors else ""
         raise InputError(out_dir, f"no study with a reference mask could be evaluated ({len(errors)} errors, "
                                   f"{len(unlabelled)} unlabelled){first}")
-    dice = _summary([r["dice"] for r in rows])
+    dice = summary([r["dice"] for r in rows])
     metrics: dict[str, Any] = {
         "n": len(rows), "dice_mean": dice["mean"], "dice_median": dice["median"],
-        "precision_mean": _summary([r["precision"] for r in rows])["mean"],
-        "recall_mean": _summary([r["recall"] for r in rows])["mean"],
+        "precision_mean": summary([r["precision"] for r in rows])["mean"],
+        "recall_mean": summary([r["recall"] for r in rows])["mean"],
     }
     names = _mask_names(cfg.model.labels)
     if names:
-        metrics["labels"] = {n: _summary([r["labels"][n]["dice"] for r in rows]) for n in names.values()}
+        metrics["labels"] = {n: summary([r["labels"][n]["dice"] for r in rows]) for n in names.values()}
     model = rows[-1]["model"]
     for r in rows:
         del r["model"]
@@ -317,8 +211,8 @@ def evaluate_masks(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "evaluation.json", record)
-    write_text(out_dir / "evaluation.md", _markdown_masks(record))
-    write_text(out_dir / "evaluation.html", _html_masks(record))
+    write_text(out_dir / "evaluation.md", markdown_masks(record))
+    write_text(out_dir / "evaluation.html", html_masks(record))
     return record
 
 
@@ -331,104 +225,6 @@ def _modality(folder: Path) -> str:
     except Exception:
         return "CT"
     return str(attrs.get("modality") or attrs.get("Modality") or "CT")
-
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def _markdown(rec: dict[str, Any]) -> str:
-    m = rec["metrics"]
-    lines = [
-        f"# {rec['title']}", "",
-        f"Model: {_model_line(rec)}  ",
-        f"Study score: {rec['rule']}, threshold {m['threshold']}", "",
-        "| studies | positives | accuracy | precision | recall | F1 | ROC AUC |", "|---|---|---|---|---|---|---|",
-        f"| {m['n']} | {m['positives']} | {_fmt(m['accuracy'])} | {_fmt(m['precision'])} | {_fmt(m['recall'])} "
-        f"| {_fmt(m['f1'])} | {_fmt(m['roc_auc'])} |", "",
-        f"Confusion: TP {m['confusion']['tp']}, FP {m['confusion']['fp']}, TN {m['confusion']['tn']}, "
-        f"FN {m['confusion']['fn']}.", "",
-    ]
-    if rec["roc_png"]:
-        lines += ["![ROC curve](roc.png)", ""]
-    return "\n".join(lines + _not_evaluated(rec, "a label")) + "\n"
-
-
-def _html(rec: dict[str, Any]) -> str:
-    from html import escape
-
-    m = rec["metrics"]
-    cells = "".join(f"<td>{_fmt(m[k])}</td>" for k in ("n", "positives", "accuracy", "precision", "recall", "f1",
-                                                         "roc_auc"))
-    rows = "".join(f"<tr><td>{escape(r['study'])}</td><td>{r['label']}</td><td>{r['score']:.3f}</td>"
-                   f"<td>{escape(str(r['predicted']))}</td></tr>" for r in rec["studies"])
-    roc = '<img src="roc.png" alt="ROC curve">' if rec["roc_png"] else ""
-    return (f"<!doctype html><meta charset='utf-8'><title>{escape(rec['title'])}</title>"
-            f"<h1>{escape(rec['title'])}</h1><p>Model {escape(rec['model']['name'])} "
-            f"{escape(rec['model']['version'])}; {escape(str(rec['rule']))}, threshold {m['threshold']}</p>"
-            "<table border=1><tr><th>studies</th><th>positives</th><th>accuracy</th><th>precision</th>"
-            f"<th>recall</th><th>F1</th><th>ROC AUC</th></tr><tr>{cells}</tr></table>{roc}"
-            "<h2>Studies</h2><table border=1><tr><th>study</th><th>label</th><th>score</th><th>predicted</th></tr>"
-            f"{rows}</table>\n")
-
-
-def _not_evaluated(rec: dict[str, Any], reference: str) -> list[str]:
-    """Markdown lines for the studies that errored or had no reference."""
-    lines = []
-    if rec["errors"]:
-        lines += [f"Not evaluated ({len(rec['errors'])}):"] + [f"- {e['study']}: {e['error']}" for e in rec["errors"]]
-    if rec["unlabelled"]:
-        lines += [f"Studies without {reference}: {len(rec['unlabelled'])}."]
-    return lines
-
-
-def _model_line(rec: dict[str, Any]) -> str:
-    return f"{rec['model']['name']} {rec['model']['version']} (sha256 {rec['model']['sha256'][:16]}...)"
-
-
-def _markdown_masks(rec: dict[str, Any]) -> str:
-    m = rec["metrics"]
-    lines = [
-        f"# {rec['title']}", "", f"Model: {_model_line(rec)}, segmentation", "",
-        "| studies | mean Dice | median Dice | mean precision | mean recall |", "|---|---|---|---|---|",
-        f"| {m['n']} | {_fmt(m['dice_mean'])} | {_fmt(m['dice_median'])} | {_fmt(m['precision_mean'])} "
-        f"| {_fmt(m['recall_mean'])} |", "",
-    ]
-    if m.get("labels"):
-        lines += ["| label | studies | mean Dice | median Dice |", "|---|---|---|---|"]
-        lines += [f"| {n} | {v['n']} | {_fmt(v['mean'])} | {_fmt(v['median'])} |" for n, v in m["labels"].items()]
-        lines += [""]
-    lines += ["| study | Dice | precision | recall | reference voxels | predicted voxels |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['study']} | {_fmt(r['dice'])} | {_fmt(r['precision'])} | {_fmt(r['recall'])} "
-              f"| {r['voxels_reference']} | {r['voxels_predicted']} |" for r in rec["studies"]]
-    lines += [""]
-    return "\n".join(lines + _not_evaluated(rec, "a reference mask")) + "\n"
-
-
-def _html_masks(rec: dict[str, Any]) -> str:
-    from html import escape
-
-    m = rec["metrics"]
-    head = "".join(f"<td>{_fmt(m[k])}</td>" for k in ("n", "dice_mean", "dice_median", "precision_mean",
-                                                        "recall_mean"))
-    per_label = ""
-    if m.get("labels"):
-        per_label = ("<h2>Labels</h2><table border=1><tr><th>label</th><th>studies</th><th>mean Dice</th>"
-                     "<th>median Dice</th></tr>" +
-                     "".join(f"<tr><td>{escape(n)}</td><td>{v['n']}</td><td>{_fmt(v['mean'])}</td>"
-                             f"<td>{_fmt(v['median'])}</td></tr>" for n, v in m["labels"].items()) + "</table>")
-    rows = "".join(f"<tr><td>{escape(r['study'])}</td><td>{_fmt(r['dice'])}</td><td>{_fmt(r['precision'])}</td>"
-                   f"<td>{_fmt(r['recall'])}</td><td>{r['voxels_reference']}</td><td>{r['voxels_predicted']}</td>"
-                   "</tr>" for r in rec["studies"])
-    errors = "".join(f"<li>{escape(e['study'])}: {escape(e['error'])}</li>" for e in rec["errors"])
-    return (f"<!doctype html><meta charset='utf-8'><title>{escape(rec['title'])}</title>"
-            f"<h1>{escape(rec['title'])}</h1><p>Model {escape(_model_line(rec))}, segmentation</p>"
-            "<table border=1><tr><th>studies</th><th>mean Dice</th><th>median Dice</th><th>mean precision</th>"
-            f"<th>mean recall</th></tr><tr>{head}</tr></table>{per_label}"
-            "<h2>Studies</h2><table border=1><tr><th>study</th><th>Dice</th><th>precision</th><th>recall</th>"
-            f"<th>reference voxels</th><th>predicted voxels</th></tr>{rows}</table>"
-            + (f"<h2>Not evaluated</h2><ul>{errors}</ul>" if errors else "") + "\n")
 
 
 def _ingested(archive: Path) -> dict[str, Path]:
@@ -477,7 +273,7 @@ def _ingest_dicom(archive: Path, dest: Path, cfg: Config) -> tuple[dict[str, Pat
     """Ingest a DICOM archive with :mod:`medpipe.ingest` into ``dest/<study key>``.
 
     Labels name studies by StudyInstanceUID or study key; plans carry only the one-way key, so
-    UIDs are matched by hashing them (see :func:`_match`). Returns ``({key: folder}, {})``.
+    UIDs are matched by hashing them (see :func:`~medpipe.inference.labels_io.match_study`). Returns ``({key: folder}, {})``.
     """
     from .. import ingest
 

@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 
 from ..atomic import write_bytes
 from .model import LoadedModel, ModelInfo, load_model
+from .model_input import read_batch
 
 
 def _last_conv(keras_model: Any) -> Any | None:
@@ -84,8 +85,6 @@ def overlay_png(slice01: np.ndarray, heat01: np.ndarray, *, scale: int = 2) -> b
 
 def write_saliency(image_path: str, slices: list[int], info: ModelInfo, out_dir: str) -> list[str]:
     """Write ``out_dir/slice_ZZZZ.png`` overlays for ``slices`` of a Zarr image; returns the paths."""
-    from .stage import read_batch
-
     model = load_model(info)
     paths = []
     for z in slices:

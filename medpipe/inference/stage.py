@@ -32,7 +32,9 @@ from ..errors import MedpipeError, ModelError, StudyError
 from .batching import Batcher, batcher_for
 from .domain import Facts, match
 from .model import ModelInfo, check_compatible, configured_name, load_model, resolve_model, select_model
-from .preprocess import preprocess_slices, restore_slices, slice_geometry
+from .model_input import load_batch
+from .preprocess import restore_slices, slice_geometry
+from .saliency import write_saliency
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +43,6 @@ SALIENCY_DIR = "saliency"
 # Most batches one task pipelines. Longer runs save task overhead; more runs per worker thread
 # let Dask even out a long study over workers of unequal speed.
 BATCHES_PER_TASK = 4
-
-
-def read_batch(image_path: str | Path, start: int, stop: int, info: ModelInfo,
-               pixel_spacing: tuple[float, float] | None = None) -> np.ndarray:
-    """Slices ``start:stop`` of a Zarr image, preprocessed into a model batch.
-
-    ``pixel_spacing`` (row, column mm) saves reading the image metadata when the caller has it.
-    """
-    if pixel_spacing is None:
-        pixel_spacing = omezarr.read_meta(image_path).spacing[1:]
-    # Level 0 straight from Zarr: a Dask graph per batch (read_image) costs twice the decode.
-    arr = zarr.open_array(str(Path(image_path) / "0"), mode="r")
-    return _load_batch(arr, start, stop, info, pixel_spacing)[0]
 
 
 def _scores(out: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, np.ndarray | None]:
@@ -68,18 +57,6 @@ def _scores(out: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, np.ndarray | 
         prob = 1.0 - out[..., 0]  # probability of any foreground class
         mask = np.argmax(out, axis=-1).astype(np.uint8)
     return prob.reshape(prob.shape[0], -1).max(axis=1).astype(np.float64), mask
-
-
-def _load_batch(arr: Any, start: int, stop: int, info: ModelInfo,
-                pixel_spacing: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Read and preprocess slices ``start:stop``: the batch, non-finite slices, slice shape."""
-    raw = arr[start:stop]
-    batch = preprocess_slices(raw, pixel_spacing, size=info.size, window=info.window,
-                              spacing_mm=info.spacing_mm, channels=info.channels)
-    bad_input = np.empty(0, np.int64)
-    if raw.dtype.kind == "f":  # integer pixels window to finite values
-        bad_input = start + np.flatnonzero(~np.isfinite(batch).reshape(batch.shape[0], -1).all(axis=1))
-    return batch, bad_input, raw.shape[1:]
 
 
 def _predict_loaded(model: Any, info: ModelInfo, start: int, loaded: tuple, batch_size: int,
@@ -152,15 +129,15 @@ def _predict_ranges(model: Any, info: ModelInfo, arr: Any, ranges: list[tuple[in
     """Predict ``ranges`` of ``arr`` in turn, loading batch ``i + 1`` in a thread during batch ``i``."""
     if len(ranges) == 1:
         a, b = ranges[0]
-        return [_predict_loaded(model, info, a, _load_batch(arr, a, b, info, pixel_spacing), batch_size,
+        return [_predict_loaded(model, info, a, load_batch(arr, a, b, info, pixel_spacing), batch_size,
                                 pixel_spacing, batcher, session)]
     results = []
     with ThreadPoolExecutor(1, thread_name_prefix="medpipe-prefetch") as pool:
-        pending = pool.submit(_load_batch, arr, *ranges[0], info, pixel_spacing)
+        pending = pool.submit(load_batch, arr, *ranges[0], info, pixel_spacing)
         for i, (a, _) in enumerate(ranges):
             loaded = pending.result()
             if i + 1 < len(ranges):
-                pending = pool.submit(_load_batch, arr, *ranges[i + 1], info, pixel_spacing)
+                pending = pool.submit(load_batch, arr, *ranges[i + 1], info, pixel_spacing)
             results.append(_predict_loaded(model, info, a, loaded, batch_size, pixel_spacing, batcher, session))
     return results
 
@@ -495,8 +472,6 @@ def _saliency(study_dir: Path, image_path: Path, scores: np.ndarray, info: Model
     top = finite[np.argsort(scores[finite])[::-1][:k]]
     if top.size == 0:
         return []
-    from .saliency import write_saliency
-
     slices = [int(z) for z in top]
     rel = f"{SALIENCY_DIR}/{subdir}" if subdir else SALIENCY_DIR
     out_dir = study_dir / rel
