@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -136,7 +137,9 @@ class DicomWebClient:
         return with_retries(attempt, cfg=self.cfg, what=what)
 
     def _json(self, url: str, params: dict[str, Any] | None = None) -> Any:
-        r = self._send("GET", url, params=params, headers={"Accept": "application/dicom+json"})
+        if params:
+            url = f"{url}?{_query_string(params)}"
+        r = self._send("GET", url, headers={"Accept": "application/dicom+json"})
         if r.status_code == 204 or not r.content:
             return []
         try:
@@ -374,6 +377,20 @@ class DicomWebClient:
             return None
         info = self._rest_get(f"/series/{ids[0]}")
         return None if info is None else bool(info.get("IsStable"))
+
+
+def _query_string(params: dict[str, Any]) -> str:
+    """A QIDO query string with DICOM's matching characters (``* ? , -``) left literal: Orthanc's
+    QIDO does not decode ``%2A`` back to ``*`` (and matches nothing then). Lists repeat the key.
+
+    >>> _query_string({"StudyDate": "20260101-", "StudyDescription": "CT*", "includefield": ["a", "b"]})
+    'StudyDate=20260101-&StudyDescription=CT*&includefield=a&includefield=b'
+    """
+    parts = []
+    for key, value in params.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            parts.append(f"{quote(str(key), safe='')}={quote(str(v), safe='*?,-.:_')}")
+    return "&".join(parts)
 
 
 # --------------------------------------------------------------------------- multipart/related, streamed

@@ -132,8 +132,9 @@ def plan_pacs(client: PacsClient, cfg: Config, out: Path, now: datetime | None =
                             change_cursor=state.change_cursor, observations=dict(state.observations))
     plan.state = new_state
 
+    # Spaces pushed as '?' (Orthanc's QIDO matches no value with a space); the exact pattern is applied below.
     query = StudyQuery(date_from=start.date(), date_to=end.date(), modalities=tuple(src.modalities or ()),
-                       description=src.study_description)
+                       description=src.study_description.replace(" ", "?") if src.study_description else None)
     found: dict[str, RemoteStudy] = {}
     for s in client.find_studies(query):
         dt = _study_dt(s)
@@ -143,9 +144,14 @@ def plan_pacs(client: PacsClient, cfg: Config, out: Path, now: datetime | None =
     by_uid_origin: dict[str, str] = {uid: "window" for uid in found}
 
     extra_uids: list[tuple[str, str]] = []
-    use_feed = src.use_change_feed and not (src.since or src.until) and hasattr(client, "changes") \
+    has_feed = src.use_change_feed and hasattr(client, "changes") \
         and getattr(client, "orthanc", lambda: None)() is not None
-    if use_feed:
+    backfill = bool(src.since or src.until)
+    if has_feed and state.change_cursor is None:
+        # the first run only places the cursor (its window covers the past); later runs read from it
+        new_state.change_cursor = client.changes(None)[1]   # type: ignore[attr-defined]
+    elif has_feed and not backfill:
+        # a backfill leaves the cursor alone, so the next nightly run still sees what arrived meanwhile
         feed_uids, cursor = client.changes(state.change_cursor)   # type: ignore[attr-defined]
         new_state.change_cursor = cursor
         extra_uids += [(u, "change feed") for u in sorted(feed_uids)]
@@ -171,9 +177,8 @@ def plan_pacs(client: PacsClient, cfg: Config, out: Path, now: datetime | None =
             plan.skipped.append({"study_key": key, "reason": f"no modality of {sorted(allowed)} in study "
                                                              f"({', '.join(s.modalities)})"})
             continue
-        if desc_pattern and by_uid_origin.get(s.study_uid) != "window" and \
-                not fnmatch.fnmatchcase(s.description.lower(), desc_pattern):
-            continue   # the window query applied the filter itself; feed and pending studies did not
+        if desc_pattern and not fnmatch.fnmatchcase(s.description.lower(), desc_pattern):
+            continue   # feed and pending studies were not filtered by the server, the window's loosely
         entry = _plan_study(client, s, key, cfg, new_state, allowed, now_ts, recheck_after)
         if "reason" in entry and "source" not in entry:
             (plan.deferred if entry.get("deferred") else plan.skipped).append(

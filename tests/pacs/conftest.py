@@ -77,6 +77,7 @@ def orthanc_sample(
     srv.start()
     try:
         srv.upload_folder(sample_archive["root"])
+        srv.wait_stable()
         yield srv
     finally:
         srv.stop(kill=True)

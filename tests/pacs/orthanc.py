@@ -130,6 +130,7 @@ class OrthancServer:
             "StorageDirectory": str(self.root / "storage"),
             "IndexDirectory": str(self.root / "index"),
             "StorageCompression": False,
+            "SyncStorageArea": False,       # no fsync per stored file: tests, not a hospital
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "HttpBindAddress": self.host,   # loopback only (Orthanc >= 1.9)
@@ -257,6 +258,14 @@ class OrthancServer:
         """Store every DICOM file under ``folder`` (any name; DICOMDIR left out)."""
         files = [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != "DICOMDIR"]
         return self.upload(files)
+
+    def wait_stable(self, timeout_s: float = 30.0) -> None:
+        """Wait until Orthanc reports every series stable (``StableAge`` s after its last instance)."""
+        deadline = time.monotonic() + timeout_s
+        while any(not self.get(f"/series/{sid}")["IsStable"] for sid in self.get("/series")):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Orthanc series not stable after {timeout_s} s")
+            time.sleep(0.2)
 
     def clear(self) -> None:
         """Delete every patient (hence every study) Orthanc holds."""
