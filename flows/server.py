@@ -11,6 +11,17 @@ API runs flows as the user who started it, so an open API is a local privilege e
 The string comes from the environment, or from ``PREFECT_HOME/auth-string`` (made once with a
 random secret, mode 0600 in a 0700 folder, reused afterwards).
 
+Start-up: a server on a fresh SQLite database spends most of its start creating the schema
+(every migration). ``medpipe run`` therefore keeps its server's home, database included, between
+runs (:func:`run_home`: ``~/.cache/medpipe/prefect-run/<slot>``, or ``MEDPIPE_RUN_PREFECT_HOME``).
+Each home is a *slot* held with an exclusive ``flock`` for as long as its server lives (the
+server inherits the lock), so that runs at the same time, on any OUT, never share a database:
+a second run takes the next slot, and when every slot is busy it falls back to a temporary home.
+A database that keeps the server from starting (damaged by a crash, or not a database) is moved
+aside and the server started on a fresh one, with a warning. Growth is bounded: Prefect's own
+vacuum service deletes flow runs older than :data:`RETENTION_DAYS` days, and a database larger than
+:data:`MAX_DATABASE_BYTES` is started afresh (the run records in OUT are the record, not Prefect's).
+
 Lifetime: the server runs in its own process group (Ctrl-C in the terminal reaches only us;
 we stop it in order) and with a Linux parent-death signal, so that it ends with this process
 even when this process is SIGKILLed and never runs its ``finally``.
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import logging
 import os
 import secrets
@@ -34,7 +46,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 log = logging.getLogger("medpipe")
@@ -44,6 +56,12 @@ AUTH_USER = "medpipe"
 EXIT_WITH_PARENT = "MEDPIPE_EXIT_WITH_PARENT"
 _WATCH_THREAD = "medpipe parent watch"
 _PR_SET_PDEATHSIG = 1
+RUN_HOME = "MEDPIPE_RUN_PREFECT_HOME"
+RUN_SLOTS = 4
+RETENTION_DAYS = 30
+MAX_DATABASE_BYTES = 1 << 30
+MAX_LOG_BYTES = 16 << 20
+DATABASE = "prefect.db"
 
 
 def free_port() -> int:
@@ -143,13 +161,15 @@ def _parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None
     return preexec
 
 
-def _start(cmd: list[str], env: dict[str, str], out) -> subprocess.Popen:
+def _start(cmd: list[str], env: dict[str, str], out, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     preexec = _parent_death_signal()
     if preexec is None:
         log.warning("prefect server started from a non-main thread: it is not tied to this process's "
                     "life and may outlive a killed run")
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                pass_fds=pass_fds)
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec,
+                            pass_fds=pass_fds)
 
 
 def exit_with_parent(poll_s: float = 0.5) -> bool:
@@ -178,42 +198,150 @@ def exit_with_parent(poll_s: float = 0.5) -> bool:
 
 @contextmanager
 def prefect_server(home: Path | None = None, *, ui: bool = False, port: int | None = None,
-                   log_file: Path | None = None, auth: str | None = None) -> Iterator[str]:
+                   log_file: Path | None = None, auth: str | None = None, keep_database: bool = False,
+                   pass_fds: tuple[int, ...] = ()) -> Iterator[str]:
     """Start ``prefect server start`` on loopback with basic auth; yield its API URL; stop it on exit.
 
     ``auth`` is the ``user:password`` string the server requires (default :func:`auth_string` of
     ``home``). Clients need it as ``PREFECT_API_AUTH_STRING``; :func:`prefect_api` sets that up.
+    ``keep_database``: ``home`` is kept between runs (see the module's docstring): old flow runs
+    are vacuumed, an oversized database is started afresh, and a database the server cannot start
+    on is moved aside once and the server started again on a fresh one. ``pass_fds`` are
+    inherited by the server (a slot's lock, held until the server is gone).
     """
     own_home = home is None
     home = private_dir(Path(home or tempfile.mkdtemp(prefix="medpipe-prefect-")))
     auth = auth or auth_string(home)
-    port = port or free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "true" if ui else "false",
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_API_AUTH_STRING": auth,
         "PREFECT_API_AUTH_STRING": auth,  # the server's own clients (services) talk to its API too
     }
     env.pop("PREFECT_API_URL", None)
-    out = open(log_file or home / "server.log", "ab")
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    if not ui:
-        cmd.append("--no-ui")
-    proc = _start(cmd, env, out)
-    api_url = f"http://127.0.0.1:{port}/api"
+    if keep_database:
+        env.setdefault("PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED", "events,flow_runs")
+        env.setdefault("PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD", str(RETENTION_DAYS * 86400))
+        _bound_database(home)
+    log_file = log_file or home / "server.log"
+    _rotate(log_file)
+    out = open(log_file, "ab")
     try:
-        wait_healthy(api_url, proc=proc)
-        log.info("prefect server on %s (home %s)", api_url, home)
-        yield api_url
+        try:
+            proc, api_url = _serve(home, env, out, ui, port, pass_fds)
+        except RuntimeError as exc:  # it exited while starting
+            if not keep_database or not _database_files(home):
+                raise
+            aside = _move_database_aside(home)
+            log.warning("prefect server did not start on its kept database (%s): moved it to %s and "
+                        "starting on a fresh one (see %s)", exc, aside, log_file)
+            proc, api_url = _serve(home, env, out, ui, port, pass_fds)
+        try:
+            log.info("prefect server on %s (home %s)", api_url, home)
+            yield api_url
+        finally:
+            _stop(proc)
     finally:
-        _stop(proc)
         out.close()
         if own_home:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def _serve(home: Path, env: dict[str, str], out, ui: bool, port: int | None,
+           pass_fds: tuple[int, ...]) -> tuple[subprocess.Popen, str]:
+    """Start the server and wait until it is healthy; stop it and raise if it is not."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    if not ui:
+        cmd.append("--no-ui")
+    proc = _start(cmd, {**env, "PREFECT_SERVER_API_PORT": str(port)}, out, pass_fds)
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_healthy(api_url, proc=proc)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, api_url
+
+
+def _database_files(home: Path) -> list[Path]:
+    """The SQLite database of a home and its journal files (those that exist)."""
+    return [p for p in (home / DATABASE, home / f"{DATABASE}-wal", home / f"{DATABASE}-shm",
+                        home / f"{DATABASE}-journal") if p.exists()]
+
+
+def _move_database_aside(home: Path) -> Path:
+    """Move the database files into ``home/damaged-<time>/`` (kept for a look, replaced next time)."""
+    for old in home.glob("damaged-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    aside = home / f"damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside.mkdir(mode=0o700)
+    for p in _database_files(home):
+        p.rename(aside / p.name)
+    return aside
+
+
+def _bound_database(home: Path) -> None:
+    """Start afresh when the kept database has grown past :data:`MAX_DATABASE_BYTES`."""
+    files = _database_files(home)
+    size = sum(p.stat().st_size for p in files)
+    if size > MAX_DATABASE_BYTES:
+        log.info("prefect database %s is %d MiB: starting a fresh one", home / DATABASE, size >> 20)
+        for p in files:
+            p.unlink()
+
+
+def _rotate(log_file: Path) -> None:
+    """Keep one older server log: a kept home must not grow without bound."""
+    try:
+        if log_file.stat().st_size > MAX_LOG_BYTES:
+            log_file.replace(log_file.with_name(log_file.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
+def run_home() -> Path:
+    """Where ``medpipe run`` keeps its Prefect servers' homes (one folder per slot)."""
+    if value := os.environ.get(RUN_HOME):
+        return Path(value)
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "medpipe" / "prefect-run"
+
+
+@contextmanager
+def claim_slot(root: Path | None = None, slots: int = RUN_SLOTS) -> Iterator[tuple[Path, int] | None]:
+    """Hold the first free home under ``root`` (``0`` .. ``slots - 1``); yield it and its lock's file
+    descriptor, or None when every slot is held (or the folder cannot be made). The lock is an
+    exclusive ``flock``: the kernel drops it when its holders (this process, and the server that
+    inherits the descriptor) are gone, also after a SIGKILL."""
+    try:
+        root = private_dir(Path(root or run_home()))
+    except OSError as exc:
+        log.warning("cannot keep the Prefect server's home under %s (%s): using a temporary one", root, exc)
+        yield None
+        return
+    for n in range(slots):
+        home = root / str(n)
+        try:
+            private_dir(home)
+            fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            yield home, fd
+        finally:
+            os.close(fd)
+        return
+    log.info("every kept Prefect home under %s is in use: using a temporary one", root)
+    yield None
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -259,24 +387,31 @@ def prefect_api(home: Path | None = None, *, ui: bool = False) -> Iterator[str]:
     With ``PREFECT_API_URL`` set, that server is used as it is (with ``PREFECT_API_AUTH_STRING``
     if it needs one). Otherwise an embedded server starts with basic auth; its URL and auth
     string are set for this process and every process it spawns (see :func:`client_auth`).
+    Without ``home``, the server keeps its database in a free slot of :func:`run_home` (fast to
+    start), or in a temporary folder when none is free.
     """
     existing = os.environ.get("PREFECT_API_URL")
     if existing:
         yield existing
         return
-    own_home = home is None
-    home = private_dir(Path(home or tempfile.mkdtemp(prefix="medpipe-prefect-")))
-    try:
-        auth = auth_string(home)
-        with prefect_server(home, ui=ui, auth=auth) as url, client_auth(url, auth):
-            log.info("Prefect API %s: its auth string is in %s", url, auth_string_file(home))
-            try:
-                yield url
-            finally:
-                _flush_logs()
-    finally:
-        if own_home:
-            shutil.rmtree(home, ignore_errors=True)
+    with ExitStack() as stack:
+        kept, fds = False, ()
+        if home is None and (slot := stack.enter_context(claim_slot())) is not None:
+            home, kept, fds = slot[0], True, (slot[1],)
+        own_home = home is None
+        home = private_dir(Path(home or tempfile.mkdtemp(prefix="medpipe-prefect-")))
+        try:
+            auth = auth_string(home)
+            with prefect_server(home, ui=ui, auth=auth, keep_database=kept,
+                                pass_fds=fds) as url, client_auth(url, auth):
+                log.info("Prefect API %s: its auth string is in %s", url, auth_string_file(home))
+                try:
+                    yield url
+                finally:
+                    _flush_logs()
+        finally:
+            if own_home:
+                shutil.rmtree(home, ignore_errors=True)
 
 
 def _flush_logs() -> None:

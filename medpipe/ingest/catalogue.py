@@ -35,7 +35,7 @@ import logging
 import os
 import sqlite3
 import tempfile
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
 
@@ -117,13 +117,14 @@ def decode(text: str, path: str) -> Record:
     for i in _TUPLES:
         if values[i] is not None:
             values[i] = tuple(values[i])
-    return Instance(*values)
+    # The frozen dataclass's __init__ sets each field through object.__setattr__, several times
+    # slower than filling its __dict__; a warm night builds every instance of the archive here.
+    inst = object.__new__(Instance)
+    inst.__dict__.update(zip(_FIELDS, values))
+    return inst
 
 
-@dataclass
-class _Row:
-    key: StatKey
-    text: str
+Row = tuple[StatKey, str]  # a file's stat key and its encoded record
 
 
 class Catalogue:
@@ -133,7 +134,7 @@ class Catalogue:
     >>> cat.lookup("a/1.dcm", key, "/archive/a/1.dcm")  # the record, or None: read the header  # doctest: +SKIP
     """
 
-    def __init__(self, path: Path, root: str, fingerprint: str, rows: dict[str, _Row] | None):
+    def __init__(self, path: Path, root: str, fingerprint: str, rows: dict[str, Row] | None):
         self.path = path
         self.root = root
         self.fingerprint = fingerprint
@@ -159,13 +160,13 @@ class Catalogue:
     def lookup(self, rel: str, key: StatKey, path: str) -> Record | None:
         """The record of the file ``rel`` (relative to the archive) at ``path``, if its stat key is unchanged."""
         row = self.rows.get(rel)
-        if row is None or row.key != key:
+        if row is None or row[0] != key:
             return None
         try:
-            record = decode(row.text, path)
+            record = decode(row[1], path)
         except (ValueError, TypeError) as exc:  # a damaged row: read the file again, and rewrite the row
             log.warning("discovery catalogue %s: row of %r ignored: %s", self.path, rel, exc)
-            row.key = (-1, -1, -1, -1)
+            self.rows[rel] = ((-1, -1, -1, -1), row[1])
             return None
         self.hits += 1
         return record
@@ -188,7 +189,7 @@ class Catalogue:
     def _update(self, keep: dict[str, tuple[StatKey, Record]]) -> None:
         gone = [(rel,) for rel in self.rows.keys() - keep.keys()]
         changed = [(rel, *key, encode(rec)) for rel, (key, rec) in keep.items()
-                   if (row := self.rows.get(rel)) is None or row.key != key]
+                   if (row := self.rows.get(rel)) is None or row[0] != key]
         if not gone and not changed:
             return
         con = sqlite3.connect(self.path, isolation_level=None)
@@ -201,7 +202,7 @@ class Catalogue:
             con.close()
         for (rel,) in gone:
             del self.rows[rel]
-        self.rows.update((rel, _Row((size, mtime, ino, ctime), text)) for rel, size, mtime, ino, ctime, text in changed)
+        self.rows.update((rel, ((size, mtime, ino, ctime), text)) for rel, size, mtime, ino, ctime, text in changed)
         log.info("discovery catalogue %s: %d rows written, %d removed", self.path, len(changed), len(gone))
 
     def _rebuild(self, keep: dict[str, tuple[StatKey, Record]]) -> None:
@@ -232,11 +233,11 @@ class Catalogue:
             Path(tmp).unlink(missing_ok=True)
             raise
         self.valid = True
-        self.rows = {rel: _Row((size, mtime, ino, ctime), text) for rel, size, mtime, ino, ctime, text in rows}
+        self.rows = {rel: ((size, mtime, ino, ctime), text) for rel, size, mtime, ino, ctime, text in rows}
         log.info("discovery catalogue %s: built with %d rows", self.path, len(rows))
 
 
-def _read(path: Path, root: str, fingerprint: str) -> dict[str, _Row]:
+def _read(path: Path, root: str, fingerprint: str) -> dict[str, Row]:
     """The rows of a valid catalogue; raises (``sqlite3.Error``, ``ValueError``) on any other."""
     con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)
     try:
@@ -247,11 +248,10 @@ def _read(path: Path, root: str, fingerprint: str) -> dict[str, _Row]:
             raise ValueError(f"catalogue of another archive ({meta.get('archive')!r})")
         if meta.get("fingerprint") != fingerprint:
             raise ValueError("made by another medpipe version or header configuration")
-        rows: dict[str, _Row] = {}
-        for rel, size, mtime, ino, ctime, text in con.execute("SELECT * FROM files"):
-            if not isinstance(text, str) or not isinstance(rel, str):
-                raise ValueError(f"damaged row {rel!r}")
-            rows[rel] = _Row((size, mtime, ino, ctime), text)
+        rows = {rel: ((size, mtime, ino, ctime), text)
+                for rel, size, mtime, ino, ctime, text in con.execute("SELECT * FROM files")}
+        if any(not isinstance(rel, str) for rel in rows):  # a text the JSON decoder refuses is caught per row
+            raise ValueError("damaged row keys")
         return rows
     finally:
         con.close()
