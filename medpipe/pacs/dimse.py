@@ -357,7 +357,7 @@ def _file_writer(dest_of: Callable[[Any], Path | None], written: list[Path]) -> 
     def handle(event: Any) -> int:
         dest = dest_of(event)
         if dest is None:
-            return 0xA801   # refused: move destination unknown (nobody asked for this series)
+            return 0xA700   # refused (out of resources): nobody here asked for this series
         path = dest / f"{uuid.uuid4().hex}.dcm"
         path.write_bytes(event.encoded_dataset(include_meta=True))
         written.append(path)
@@ -389,7 +389,7 @@ class StoreReceiver:
     """medpipe's own C-STORE SCP for C-MOVE, one per (AE title, port) in the process.
 
     Incoming instances are routed by SeriesInstanceUID to the folder of the retrieval that asked
-    for that series; anything else is refused (status 0xA801).
+    for that series; anything else is refused (status 0xA700).
     """
 
     _shared: dict[tuple[str, int], StoreReceiver] = {}
@@ -427,7 +427,7 @@ class StoreReceiver:
         with self._routes_lock:
             route = self._routes.get(series)
         if route is None:
-            return 0xA801
+            return 0xA700
         dest, written = route
         return _file_writer(lambda _e: dest, written)(event)
 

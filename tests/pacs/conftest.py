@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orthanc import OrthancServer, missing_reason
+from orthanc import OrthancServer, free_port, missing_reason
 
 _MISSING = missing_reason()
 needs_orthanc = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
@@ -68,12 +68,26 @@ def sample_archive(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def move_port() -> Iterator[int]:
+    """Port of medpipe's C-STORE receiver for C-MOVE (AE title MEDPIPE), known to ``orthanc_sample``."""
+    port = free_port()
+    yield port
+    from medpipe.pacs.dimse import StoreReceiver
+
+    rcv = StoreReceiver._shared.get(("MEDPIPE", port))
+    if rcv is not None:
+        rcv.shutdown()
+
+
+@pytest.fixture(scope="session")
 def orthanc_sample(
-    tmp_path_factory: pytest.TempPathFactory, sample_archive: dict[str, Any]
+    tmp_path_factory: pytest.TempPathFactory, sample_archive: dict[str, Any], move_port: int
 ) -> Iterator[OrthancServer]:
-    """One Orthanc holding the sample archive, shared by the session: do not modify it."""
+    """One Orthanc holding the sample archive, shared by the session: do not modify it. It knows
+    the C-MOVE destination MEDPIPE at 127.0.0.1:``move_port``."""
     _require_orthanc()
-    srv = OrthancServer(tmp_path_factory.mktemp("orthanc-sample"), stable_age_s=2)
+    srv = OrthancServer(tmp_path_factory.mktemp("orthanc-sample"), stable_age_s=2,
+                        modalities={"MEDPIPE": ("MEDPIPE", "127.0.0.1", move_port)})
     srv.start()
     try:
         srv.upload_folder(sample_archive["root"])

@@ -172,9 +172,12 @@ class OrthancServer:
         config_path = self.root / "config.json"
         config_path.write_text(json.dumps(self.config(), indent=2))
         self._log = open(self.root / "orthanc.log", "ab")
+        # DCMTK as Debian builds it leaves Nagle's algorithm on unless TCP_NODELAY=1 is in the
+        # environment: each C-GET/C-MOVE sub-operation then waits for a delayed ACK (~4x slower)
+        env = {**os.environ, "TCP_NODELAY": "1"}
         self._proc = subprocess.Popen(
             [binary, str(config_path)], stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=self.root,
+            stdin=subprocess.DEVNULL, cwd=self.root, env=env,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
