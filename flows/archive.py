@@ -48,6 +48,7 @@ from medpipe.privacy import PathRedactor, append_log
 from medpipe.publish import close_gate, published_fingerprint
 from medpipe.report import run_markdown, run_table
 from medpipe.report.run import write_run_record
+from tasks import pacs as pacs_tasks
 from tasks import study as stages
 from medpipe.study import StudyEntry, entry_for, published_entry, run_window
 from tasks.model import check_model, describe_models
@@ -61,20 +62,33 @@ log = logging.getLogger("medpipe")
 
 @flow(name="medpipe-archive", log_prints=True)
 def process_archive(
-    archive: str,
-    out: str,
+    archive: str | None = None,
+    out: str = "",
     config: dict[str, Any] | None = None,
     config_file: str | None = None,
     force: bool = False,
     dask_address: str | None = None,
     workers: int | None = None,
+    source: str | None = None,
+    send: list[str] | None = None,
+    since: str | None = None,
+    until: str | None = None,
 ) -> dict[str, Any]:
-    """Process every study of ``archive`` into ``out``; return the run record (run.json).
+    """Process every study of ``archive`` (a folder or a PACS) into ``out``; return the run record (run.json).
 
     Parameters
     ----------
     archive, out : str
-        The archive folder to read and the output folder to write.
+        The source to read (a folder, or a PACS address: ``dicomweb+http(s)://HOST:PORT/PATH``
+        or ``dimse://AET@HOST:PORT``, see docs/pacs.md) and the output folder to write.
+    source : str, optional
+        The same as ``archive`` (a folder or a PACS address); when given it wins. A custom run from
+        the UI names its PACS here.
+    send : list of str, optional
+        PACS addresses that receive each processed study's SEG, SR and report image (through the
+        outbox in ``OUT/private/outbox``); replaces ``send.destinations`` of the configuration.
+    since, until : str, optional
+        ``YYYY-MM-DD``: the window of a PACS run (a backfill), overriding the watermark.
     config : dict, optional
         Configuration values (same structure as the YAML file), applied over ``config_file``.
     config_file : str, optional
@@ -86,7 +100,19 @@ def process_archive(
     workers : int, optional
         Worker processes of the local cluster (overrides the configuration).
     """
+    from medpipe.pacs import PacsAddress
+
+    archive = source or archive
+    if not archive or not out:
+        raise ValueError("process_archive: give `out`, and `archive` or `source` (a folder or a PACS address)")
     overrides: dict[str, Any] = {}
+    if PacsAddress.is_pacs(archive):
+        overrides["source"] = {"url": archive}
+    for name, value in (("since", since), ("until", until)):
+        if value:
+            overrides.setdefault("source", {})[name] = value
+    if send is not None:
+        overrides["send"] = {"destinations": list(send)}
     if force:
         overrides["run"] = {"force": True}
     if dask_address:
@@ -97,9 +123,9 @@ def process_archive(
     from medpipe.access import check_out_folder  # refuse outputs outside the allowed roots
     check_out_folder(out, cfg.run.allowed_out_roots)
     pipeline = run_pipeline.with_options(task_runner=task_runner(cfg.cluster))
+    where = archive if PacsAddress.is_pacs(archive) else str(Path(archive).resolve())
     try:
-        return pipeline(archive=str(Path(archive).resolve()), out=str(Path(out).resolve()),
-                        config=cfg.model_dump(mode="json"))
+        return pipeline(archive=where, out=str(Path(out).resolve()), config=cfg.model_dump(mode="json"))
     finally:
         _sweep_work(Path(out).resolve())
 
@@ -121,9 +147,12 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
     it ends: ``completed``, ``failed`` (with ``error``) or ``interrupted`` (SIGTERM/SIGINT,
     then :class:`~flows.stopping.RunInterrupted` is raised after the record is written).
     """
+    from medpipe.pacs import PacsAddress
+
     cfg = Config.model_validate(config)
     logger = get_run_logger()
-    if not Path(archive).is_dir():
+    pacs = PacsAddress.is_pacs(archive)
+    if not pacs and not Path(archive).is_dir():
         raise FileNotFoundError(f"{archive}: archive folder not found")
     layout = OutputLayout(Path(out))
     run_id = new_run_id()
@@ -147,29 +176,40 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
     with run_lock(Path(out)), stop.installed():
         clean_work(Path(out))
         gate = layout.work / run_id
-        redactor = PathRedactor(b"", archive)  # replaced by the keyed one below; a full disk may refuse the key
+        # The paths of a PACS study are those of its retrieved files, under the cache.
+        files_root = str(pacs_tasks.cache_root(cfg, out)) if pacs else archive
+        redactor = PathRedactor(b"", files_root)  # replaced by the keyed one below; a full disk may refuse the key
         private: list[dict[str, Any]] = []
         write_run_record(out, run)  # from now on, run.json is this run's (also on a full disk)
         try:
             gate.mkdir(parents=True, exist_ok=True)
-            redactor = PathRedactor.for_output(out, archive)
+            redactor = PathRedactor.for_output(out, files_root)
             # The skip decision needs the models' identities, not TensorFlow: a night with
             # nothing new never loads a model. The full check runs once before the first study.
             model = describe_models(config) if cfg.model.enabled else None
             run["model"] = model
-            found = stages.discover.submit(archive, config).result()
-            for issue in found["issues"]:
-                public, secret = redactor.issue(issue)
-                run["issues"].append(public)
-                private.append(secret)
-            todo, skipped = _plan(found["plans"], layout, cfg, model)
+            record = _recorder(run["studies"], redactor, private)
+            if pacs:
+                pacs_plan, plans = _plan_pacs(config, out, cfg, model, layout, run, record)
+            else:
+                found = stages.discover.submit(archive, config).result()
+                for issue in found["issues"]:
+                    public, secret = redactor.issue(issue)
+                    run["issues"].append(public)
+                    private.append(secret)
+                plans = found["plans"]
+            todo, skipped = _plan(plans, layout, cfg, model)
             if todo and cfg.model.enabled:
                 run["model"] = check_model.submit(config).result()
-            record = _recorder(run["studies"], redactor, private)
             for entry in skipped:
                 record(entry)
-            progress.emit("planned", {"total": len(found["plans"]), "to_process": len(todo)})
-            _process(todo, run, out, cfg, stop, gate, record)
+            progress.emit("planned", {"total": len(plans), "to_process": len(todo)})
+            _process(todo, run, out, cfg, stop, gate, record, files_root)
+            if cfg.send.destinations and not stop:
+                # Also what earlier runs left in the outboxes; a destination that is down keeps it.
+                run["outbox"] = pacs_tasks.deliver_outboxes(config, out)
+            if pacs and not stop:
+                _commit_window(out, pacs_plan, run)
             run["status"] = "interrupted" if stop else "completed"
         except Exception as exc:
             run["status"], run["error"] = "failed", redactor.text(f"{type(exc).__name__}: {exc}")
@@ -256,8 +296,41 @@ def window_size(cfg: Config) -> int:
     return cfg.run.max_studies_in_flight or 2 * cfg.cluster.workers
 
 
+def _plan_pacs(config: dict[str, Any], out: str, cfg: Config, model: dict[str, Any] | None, layout: OutputLayout,
+               run: dict[str, Any], record: Callable[[StudyEntry], None]) -> tuple[Any, list[dict[str, Any]]]:
+    """Plan the run from the PACS (queries only): record the window in ``run["source"]`` and the
+    studies deferred or skipped at planning; return the plan and the study plans to fetch."""
+    from medpipe.pacs import PacsAddress
+
+    address = PacsAddress.parse(cfg.source.url or "")
+    models = _models_fingerprint(model)
+
+    def is_done(key: str, fingerprint: str) -> bool:  # published with these inputs: not counted against the cap
+        done, _ = published_fingerprint(layout.study(key))
+        return not cfg.run.force and done == input_fingerprint(fingerprint, cfg.fingerprint(), models)
+
+    pacs_plan = pacs_tasks.plan(config, out, is_done)
+    run["source"] = {"kind": address.kind, "address": address.redacted(), "window": dict(pacs_plan.window),
+                     "deferred": len(pacs_plan.deferred), "committed": False}
+    for d in pacs_plan.deferred:
+        record(entry_for(d, out, "deferred", reason=d["reason"]))
+    for d in pacs_plan.skipped:
+        record(entry_for(d, out, "skipped", reason=d["reason"]))
+    return pacs_plan, pacs_plan.plans
+
+
+def _commit_window(out: str, pacs_plan: Any, run: dict[str, Any]) -> None:
+    """Store the source's watermark and state: the run completed. Studies deferred or failed while
+    fetching are queried again by the next run whatever its window."""
+    from medpipe.pacs.plan import commit_window
+
+    again = [e["study_key"] for e in run["studies"] if e["status"] in ("deferred", "failed", "interrupted")]
+    commit_window(Path(out), pacs_plan, deferred=again)
+    run["source"]["committed"] = True
+
+
 def _process(todo: list[_ToDo], run: dict[str, Any], out: str, cfg: Config, stop: StopRequest, gate: Path,
-             record: Callable[[StudyEntry], None]) -> None:
+             record: Callable[[StudyEntry], None], files_root: str) -> None:
     """One ``process_study`` task per study, ``window_size`` in flight; record each entry.
 
     When ``stop`` is set no study starts any more, and those not finished are recorded as
@@ -280,8 +353,7 @@ def _process(todo: list[_ToDo], run: dict[str, Any], out: str, cfg: Config, stop
         key = study.plan["study_key"]
         with _annotate(gpu):
             return task.submit(study.plan, str(layout.staging(run_id, key)), out, config,
-                               {**provenance, "input_fingerprint": study.fingerprint}, run["parameters"]["archive"],
-                               str(gate))
+                               {**provenance, "input_fingerprint": study.fingerprint}, files_root, str(gate))
 
     def done(study: _ToDo, fut: PrefectFuture) -> None:
         nonlocal reported

@@ -27,14 +27,26 @@ from .server import EXIT_WITH_PARENT
 
 
 def deployment_parameters(archive: str | Path, out: str | Path, cfg: Config,
-                          config_file: str | Path | None = None) -> dict[str, Any]:
-    """Default parameters of the deployment; each one is editable in the UI for a custom run."""
+                          config_file: str | Path | None = None,
+                          send: list[str] | None = None) -> dict[str, Any]:
+    """Default parameters of the deployment; each one is editable in the UI for a custom run.
+
+    ``archive`` is a folder or a PACS address. A custom run can name another ``source`` (a folder
+    or a PACS address; it wins over ``archive``), the ``send`` destinations (PACS addresses), and
+    ``since``/``until`` (``YYYY-MM-DD``, a backfill that overrides the watermark).
+    """
+    from medpipe.pacs import PacsAddress
+
     return {
-        "archive": str(Path(archive).resolve()),
+        "archive": str(archive) if PacsAddress.is_pacs(str(archive)) else str(Path(archive).resolve()),
         "out": str(Path(out).resolve()),
         "config": cfg.model_dump(mode="json", exclude_defaults=True),
         "config_file": str(Path(config_file).resolve()) if config_file else None,
         "force": False,
+        "source": None,
+        "send": list(send) if send else None,
+        "since": None,
+        "until": None,
     }
 
 
@@ -64,7 +76,7 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
     """Serve ``process_archive`` as deployment ``args.name`` until interrupted."""
     from .server import auth_string, auth_string_file, client_auth, prefect_server, private_dir
 
-    params = deployment_parameters(args.archive, args.out, cfg, args.config)
+    params = deployment_parameters(args.archive, args.out, cfg, args.config, getattr(args, "send", None))
     sched = schedule(cfg, args.cron, args.timezone)
     roots = confine_outputs(out_roots(args.out, getattr(args, "allow_out_root", None), cfg))
     # The flow-run processes the runner starts end with this process, even a SIGKILLed one.

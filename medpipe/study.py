@@ -159,8 +159,11 @@ def published_entry(plan: StudyPlan | dict[str, Any], out: str | Path, fingerpri
 # --------------------------------------------------------------------------- stages
 def is_transient(exc: BaseException) -> bool:
     """Whether a failure may pass when tried again (a lost worker, an I/O hiccup), unlike bad
-    input, a bad model or a bug in the arguments."""
-    return not isinstance(exc, (InputError, StudyError, ModelError, ValueError, TypeError, GateClosed))
+    input, a bad model or a bug in the arguments. PACS errors are not: the clients retry what
+    may pass themselves, and an incomplete study is deferred, not fetched again at once."""
+    from .pacs.client import PacsError
+
+    return not isinstance(exc, (InputError, StudyError, ModelError, ValueError, TypeError, GateClosed, PacsError))
 
 
 def _error_text(exc: BaseException) -> str:
@@ -256,13 +259,17 @@ def process_study(plan: StudyPlan | dict[str, Any], ctx: StudyContext, progress:
         Told at each stage's start and end (:data:`ProgressHook`).
     fetch : callable, optional
         Runs first, as stage ``fetch``: brings the study's files into a folder of the run's work
-        area (removed when the study is done) and returns the plan to ingest.
+        area (removed when the study is done) and returns the plan to ingest. When it raises
+        :class:`~medpipe.pacs.client.IncompleteStudy` (a series still growing, or fewer
+        instances arrived than the PACS listed) the study is ``deferred``: nothing is processed
+        or published, and a later run takes it up.
 
     Returns
     -------
     StudyEntry
         ``failed`` with the error naming the stage(s) when one failed; the report is published
         anyway unless an intact good result of earlier runs is there (``previous_output_kept``).
+        ``deferred`` with the ``reason`` when the fetch found the study incomplete.
 
     Raises
     ------
@@ -283,7 +290,10 @@ def process_study(plan: StudyPlan | dict[str, Any], ctx: StudyContext, progress:
     fetched = staging.with_name(staging.name + ".fetch")
     try:
         if fetch is not None:
-            got = runner.run("fetch", lambda: _fetch(fetch, plan, fetched))
+            incomplete: list[BaseException] = []
+            got = runner.run("fetch", lambda: _fetch(fetch, plan, fetched, incomplete))
+            if incomplete:  # never a partial series processed: the study waits for a later run
+                return entry_for(plan, ctx.out, "deferred", reason=redactor.text(str(incomplete[0])))
             plan = got.value["plan"] if got.ok else plan
             ok = got.ok
         else:
@@ -300,9 +310,15 @@ def process_study(plan: StudyPlan | dict[str, Any], ctx: StudyContext, progress:
         shutil.rmtree(fetched, ignore_errors=True)
 
 
-def _fetch(fetch: Fetch, plan: StudyPlan, folder: Path) -> dict[str, Any]:
+def _fetch(fetch: Fetch, plan: StudyPlan, folder: Path, incomplete: list[BaseException]) -> dict[str, Any]:
+    from .pacs.client import IncompleteStudy
+
     folder.mkdir(exist_ok=True)
-    got = fetch(plan, folder)
+    try:
+        got = fetch(plan, folder)
+    except IncompleteStudy as exc:
+        incomplete.append(exc)
+        raise
     if not isinstance(got, StudyPlan):
         raise TypeError(f"study {plan.study_key}: fetch returned {type(got).__name__}, not a StudyPlan")
     return {"plan": got}

@@ -12,6 +12,7 @@ refused, PACS unavailable) without any secret in them.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -203,51 +204,49 @@ class PacsFetch:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def enqueue_results(entry: Any, fetch: PacsFetch, cfg: Config, out: str | Path, fingerprint: str,
+def cache_root(cfg: Config, out: str | Path) -> Path:
+    """Where studies are retrieved: ``source.cache_dir``, else ``OUT/.work/pacs-cache`` (one
+    folder per study, removed when the study is done; ``source.cache_max_gb`` bounds it)."""
+    return Path(cfg.source.cache_dir) if cfg.source.cache_dir else Path(out) / ".work" / "pacs-cache"
+
+
+def enqueue_results(entry: Any, source_files: list[str], cfg: Config, out: str | Path, fingerprint: str,
                     send_dir: Path) -> list[str]:
-    """Write the identified objects of a processed study and put them into each destination's
-    outbox; return the problems (the study's result stands either way: it is published)."""
-    from medpipe.pacs.outbox import Outbox
+    """Write the identified objects of a study processed in this run (from its published folder
+    and its source files) and put them into each destination's outbox
+    (:func:`medpipe.pacs.send.enqueue_study`). Returns the problems met making them; nothing is
+    done for a study that is not ``ok``, or when no destination is configured."""
+    from medpipe.pacs.send import enqueue_study
     from medpipe.report.dicom import write_send_objects
 
-    destinations = list(cfg.send.destinations)
-    if not destinations or entry.status != "ok" or fetch.fetched is None:
+    if not cfg.send.destinations or entry.status != "ok" or not source_files:
         return []
-    import json
-
     study_dir = Path(out) / "studies" / entry.study_key
     record = json.loads((study_dir / "report.json").read_text())
-    record.setdefault("provenance", {})["input_fingerprint"] = fingerprint
-    made = write_send_objects(study_dir, record, cfg, list(fetch.fetched.files), send_dir)
-    problems = list(made.problems)
-    if made.files:
-        for url in destinations:
-            Outbox(out, url).enqueue(entry.study_key, fingerprint, made.files)
-    return problems
+    try:
+        made = write_send_objects(study_dir, record, cfg, source_files, send_dir)
+        if made.files:
+            enqueue_study(out, cfg, entry.study_key, fingerprint, made.files)
+    finally:
+        shutil.rmtree(send_dir, ignore_errors=True)  # identifying: the outbox holds the copies
+    return [*made.problems, *(f"{k} not sent: {v}" for k, v in made.reasons.items() if k in cfg.send.objects)]
 
 
 # --------------------------------------------------------------------------- outboxes (in the flow)
 @task(name="deliver-outboxes", cache_policy=NO_CACHE, persist_result=False, retries=0)
 def deliver_outboxes(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
     """Send what every configured destination's outbox holds (this run's results and those left
-    by earlier runs); return each destination's summary for run.json.
+    by earlier runs); return each destination's summary for run.json
+    (:func:`medpipe.pacs.send.deliver_all`). Call it (not ``.submit``): it runs in the flow's
+    process, which holds the credentials.
 
-    A destination that is down keeps its entries pending (the next run sends them); a destination
-    that refuses the credentials fails the run (:class:`~medpipe.pacs.PacsAuthError`, exit 3).
+    A destination that is down keeps its entries pending (the next run sends them); one that
+    refuses the credentials fails the run (:class:`~medpipe.pacs.PacsAuthError`, exit 3) after
+    the others were delivered.
     """
-    from medpipe.pacs import open_client
-    from medpipe.pacs.outbox import Outbox
+    from medpipe.pacs.send import deliver_all
 
     cfg = Config.model_validate(config)
-    summaries = []
-    destinations = list(cfg.send.destinations)
-    creds = credentials(cfg) if destinations else None
-    for url in destinations:
-        box = Outbox(out, url)
-        if box.pending():
-            with _closing(open_client(box.address, cfg.pacs, creds)) as client:
-                report = box.deliver(client, creds)
-            log.info("outbox %s: %d delivered, %d failed", box.address.redacted(), len(report.delivered),
-                     len(report.failed))
-        summaries.append(box.summary())
-    return summaries
+    if not cfg.send.destinations:
+        return []
+    return deliver_all(out, cfg, credentials(cfg))

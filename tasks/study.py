@@ -73,20 +73,48 @@ def process_study(plan: dict[str, Any], staging: str, out: str, config: dict[str
     """Run one study's stages and publish its report (:func:`medpipe.study.process_study`);
     return its :class:`~medpipe.study.StudyEntry`.
 
+    A study planned from a PACS (its plan has ``source``) is first retrieved into the bounded
+    cache (stage ``fetch``, :class:`tasks.pacs.PacsFetch`); an incomplete one is ``deferred``.
+    When destinations are configured, the objects of a study processed here are put into each
+    destination's outbox (the flow delivers them at the end of the run). The study's retrieved
+    files are removed when it is done.
+
     Each stage shows in the task run's logs as it starts and ends (with its seconds), and a
     table artifact of the task run lists the stages, their seconds and errors.
     """
     for module in _STUDY_MODULES:  # the stages import these lazily: here, under the lock
         library(module)
     study = library("medpipe.study")
+    pacs = library("tasks.pacs")
     cfg = Config.model_validate(config)
     ctx = study.StudyContext(staging=Path(staging), out=Path(out), cfg=cfg, provenance=provenance,
                              archive=archive, gate=None if gate is None else Path(gate))
     stages = _StageLog()
-    with cluster_client():  # the stages' chunk work runs on the run's cluster
-        entry = study.process_study(plan, ctx, progress=stages)
+    fetch = pacs.PacsFetch(config, plan["source"], pacs.cache_root(cfg, out)) if plan.get("source") else None
+    try:
+        with cluster_client():  # the stages' chunk work runs on the run's cluster
+            entry = study.process_study(plan, ctx, progress=stages, fetch=fetch)
+        _send(pacs, entry, plan, fetch, cfg, out, ctx.fingerprint, Path(staging))
+    finally:
+        if fetch is not None:
+            fetch.cleanup()
     stages.artifact(entry.study_key, entry.status)
     return entry
+
+
+def _send(pacs: Any, entry: Any, plan: dict[str, Any], fetch: Any, cfg: Config, out: str, fingerprint: str,
+          staging: Path) -> None:
+    """Enqueue a processed study's objects for the destinations; a problem is logged (the study's
+    result stands: it is published; its objects are made again when the study is next redone)."""
+    if not cfg.send.destinations or entry.status != "ok":
+        return
+    files = list(fetch.fetched.files) if fetch is not None and fetch.fetched is not None else list(plan.get("files") or [])
+    try:
+        problems = pacs.enqueue_results(entry, files, cfg, out, fingerprint, staging.with_name(staging.name + ".send"))
+    except Exception as exc:  # noqa: BLE001 - the next run retries a study whose objects were not enqueued
+        problems = [f"results not enqueued for sending: {type(exc).__name__}: {exc}"]
+    for p in problems:
+        log.warning("study %s: %s", entry.study_key, p)
 
 
 class _StageLog:

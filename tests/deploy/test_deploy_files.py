@@ -49,9 +49,11 @@ from deploy_checks import (
 
 SCHEDULER = "tcp://scheduler:8786"
 API_URL = "http://prefect-server:4200/api"
-DEPLOYMENT_POOLS = {"nightly": "medpipe-process", "nightly-docker": "medpipe-docker", "nightly-k8s": "medpipe-k8s"}
-EDITABLE_PARAMETERS = {"archive", "out", "config_file", "force"}
-FLOW_PARAMETERS = {"archive", "out", "config", "config_file", "force", "dask_address"}
+DEPLOYMENT_POOLS = {"nightly": "medpipe-process", "nightly-pacs": "medpipe-process", "nightly-docker": "medpipe-docker",
+                    "nightly-k8s": "medpipe-k8s"}
+EDITABLE_PARAMETERS = {"out", "config_file", "force"}
+FLOW_PARAMETERS = {"archive", "out", "config", "config_file", "force", "dask_address", "source", "send", "since",
+                   "until"}
 
 
 def _yaml_files() -> list[Path]:
@@ -110,7 +112,7 @@ def test_prefect_yaml_passes_prefects_loader(prefect_yaml):
     picked = _pick_deploy_configs(configs, ["nightly"], False, console=console, is_interactive=lambda: False)
     assert [c["name"] for c in picked] == ["nightly"]
     picked = _pick_deploy_configs(configs, [], True, console=console, is_interactive=lambda: False)
-    assert len(picked) == 3
+    assert len(picked) == len(DEPLOYMENT_POOLS)
 
 
 def test_prefect_yaml_deployments(prefect_yaml):
@@ -128,7 +130,7 @@ def test_prefect_yaml_deployments(prefect_yaml):
         built = _schedule_config_to_deployment_schedule(schedule)["schedule"]  # validates cron and zone
         assert isinstance(built, CronSchedule)
         assert built.cron == "0 2 * * *" and built.timezone
-        if name != "nightly":
+        if name not in ("nightly", "nightly-pacs"):  # process pools: no pull, no compose address
             # Containers: the code is in the image at /opt/medpipe, the Dask cluster is compose's.
             assert dep["pull"] == [
                 {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/medpipe"}}
