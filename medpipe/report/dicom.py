@@ -120,7 +120,10 @@ def with_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
 
 def anonymize(ds: pydicom.Dataset, study_key: str) -> pydicom.Dataset:
     """A copy of ``ds`` without patient identity: PatientID becomes the study key."""
-    out = copy.deepcopy(ds)
+    return _anonymize_in_place(copy.deepcopy(ds), study_key)
+
+
+def _anonymize_in_place(out: pydicom.Dataset, study_key: str) -> pydicom.Dataset:
     for keyword, value in IDENTITY.items():
         if value is not None:
             setattr(out, keyword, value)
@@ -137,7 +140,9 @@ def anonymize(ds: pydicom.Dataset, study_key: str) -> pydicom.Dataset:
 def deidentify(ds: pydicom.Dataset, study_key: str, key: bytes) -> pydicom.Dataset:
     """A de-identified copy of a made object: :func:`anonymize`, and every instance UID remapped
     with ``key`` (:func:`medpipe.pacs.identity.remap_uids`), the method recorded as such."""
-    out = ident.remap_uids(anonymize(ds, study_key), key)
+    # The copy through the encoded bytes: a deepcopy of highdicom's SR objects is several times slower.
+    out = pydicom.dcmread(io.BytesIO(_encode(ds)))
+    out = ident.remap_uids(_anonymize_in_place(out, study_key), key)
     _anonymize_items(out)
     for keyword in OWN_EQUIPMENT:  # medpipe's own (the made object's equipment), not the source's
         if keyword in ds:
@@ -154,13 +159,16 @@ def _anonymize_items(ds: pydicom.Dataset) -> None:
         if elem.VR != "SQ":
             continue
         for item in elem.value:
-            for keyword, value in IDENTITY.items():
-                if keyword in item:
-                    if value is None:
-                        delattr(item, keyword)
-                    else:
-                        setattr(item, keyword, value)
+            for tag in [t for t in item.keys() if t in _IDENTITY_TAGS]:
+                value = IDENTITY[_IDENTITY_TAGS[tag]]
+                if value is None:
+                    del item[tag]
+                else:
+                    item[tag].value = value
             _anonymize_items(item)
+
+
+_IDENTITY_TAGS = {pydicom.datadict.tag_for_keyword(k): k for k in IDENTITY}
 
 
 def random_uids(kind: str) -> str:
