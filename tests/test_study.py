@@ -254,3 +254,27 @@ def test_a_stopped_window_starts_nothing_more_and_says_what_is_left() -> None:
         gate.set()
     assert done == [0]
     assert left.in_flight == [1] and left.waiting == [2, 3, 4, 5]
+
+
+def test_the_skip_decision_reads_the_models_without_tensorflow() -> None:
+    """A night with nothing new decides from the model files' hashes and domains (tasks.model):
+    TensorFlow is not imported, and the description is what the full check returns."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tasks.model import describe_models; from medpipe.config import Config; "
+            "d = describe_models(Config().model_dump(mode='json')); "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow imported'; "
+            "assert d['sha256'] and d['domain'] and d['models'][0]['sha256'] == d['sha256'], d; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_window_is_configured_and_validated() -> None:
+    from medpipe.errors import ConfigError
+
+    assert Config().run.max_studies_in_flight is None  # two per worker (flows.archive.window_size)
+    assert Config.model_validate({"run": {"max_studies_in_flight": 3}}).run.max_studies_in_flight == 3
+    with pytest.raises((ConfigError, ValueError)):
+        Config.model_validate({"run": {"max_studies_in_flight": -1}})
