@@ -17,13 +17,13 @@ this call (the others stay pending), a :class:`~medpipe.pacs.client.PacsAuthErro
 and raised (the run fails with exit 3). Resending is safe: the objects' SOPInstanceUIDs are
 derived from the study's inputs, so a PACS stores each object once.
 
-Example
--------
->>> box = Outbox(out, "dicomweb+http://127.0.0.1:8042/dicom-web")            # doctest: +SKIP
->>> box.enqueue("3f2a...", "fingerprint", [send_dir / "seg.dcm", send_dir / "sr.dcm"])
->>> with open_client(box.address, cfg.pacs, creds) as client:
-...     report = box.deliver(client, creds)
->>> box.summary()   # {"destination": ..., "pending": 0, "delivered": 1, "failed": 0, ...}
+Example::
+
+    box = Outbox(out, "dicomweb+http://127.0.0.1:8042/dicom-web")
+    box.enqueue(study_key, fingerprint, [send_dir / "seg.dcm", send_dir / "sr.dcm"])
+    with open_client(box.address, cfg.pacs, creds) as client:
+        box.deliver(client, creds)
+    box.summary()   # {"destination": ..., "pending": 0, "delivered": 1, "failed": 0, ...}
 """
 
 from __future__ import annotations

@@ -432,7 +432,8 @@ def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], me
         source_images=[share_frame_geometry(ds) for ds in match.images], pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=uid_for("seg/series"), series_number=series_number,
-        sop_instance_uid=uid_for("seg/instance"), instance_number=1, manufacturer="medpipe", manufacturer_model_name="medpipe", software_versions=__version__,
+        sop_instance_uid=uid_for("seg/instance"), instance_number=1, manufacturer="medpipe",
+        manufacturer_model_name="medpipe", software_versions=__version__,
         device_serial_number="0", content_label="MEDPIPE", content_description=f"medpipe {method or ''}".strip()[:64],
         omit_empty_frames=bool(frames.any()),  # an empty segmentation (a negative result) keeps its frames
     )
@@ -568,7 +569,8 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
         category, kind = property_codes(m["name"])
         measurement = hd.sr.Measurement(name=codes.SCT.Volume, value=float(m["volume_ml"]), unit=UCUM_ML,
                                         algorithm_id=algorithm)
-        tracking = hd.sr.TrackingIdentifier(uid=uid_for(f"sr/tracking/label/{v}"), identifier=f"label {v}: {m['name']}"[:64])
+        tracking = hd.sr.TrackingIdentifier(uid=uid_for(f"sr/tracking/label/{v}"),
+                                            identifier=f"label {v}: {m['name']}"[:64])
         if seg is not None and v in seg_number:
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking, referenced_segment=referenced_segment(seg, seg_number[v]),
@@ -818,11 +820,10 @@ def write_send_objects(study_dir: Path, record: dict[str, Any], cfg: Any, source
     ``send_dir`` must lie outside the published study folder (the objects are identifying); the
     caller enqueues its files into each destination's outbox (:class:`medpipe.pacs.outbox.Outbox`).
 
-    Example
-    -------
-    >>> made = write_send_objects(staging, record, cfg, plan.files, out / ".work" / run_id / "send" / key)  # doctest: +SKIP
-    >>> for url in cfg.send.destinations:                                                     # doctest: +SKIP
-    ...     Outbox(out, url).enqueue(key, record["provenance"]["input_fingerprint"], made.files)
+    Example::
+
+        made = write_send_objects(staging, record, cfg, plan.files, out / ".work" / run_id / "send" / key)
+        enqueue_study(out, cfg, key, record["provenance"]["input_fingerprint"], made.files)  # medpipe.pacs.send
     """
     wanted = set(_send_cfg(cfg).objects)
     disabled = {k: "not in send.objects" for k in KINDS if k not in wanted}
