@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -80,27 +80,31 @@ class Batcher:
         self.pid = os.getpid()
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
-        self._sessions: set[object] = set()
+        self._sessions: Counter[object] = Counter()
         self._thread: threading.Thread | None = None
         self._calls = self._rows = self._padded = self._mixed = 0
 
     # ------------------------------------------------------------------ callers' side
 
     @contextmanager
-    def session(self) -> Iterator[object]:
+    def session(self, key: object | None = None) -> Iterator[object]:
         """Mark the calling task as active while it has more rows to submit.
 
         While a session is open and has no request queued, a batch that is not full waits
-        (at most ``wait_s``) for its rows; pass the yielded token to :meth:`submit`.
+        (at most ``wait_s``) for its rows; pass the yielded token to :meth:`submit`. Tasks of
+        one study share its ``key`` (e.g. the image path): a study whose rows are queued from
+        one task is not waited for because another of its tasks is still reading.
         """
-        token = object()
+        token = object() if key is None else key
         with self._cond:
-            self._sessions.add(token)
+            self._sessions[token] += 1
         try:
             yield token
         finally:
             with self._cond:
-                self._sessions.discard(token)
+                self._sessions[token] -= 1
+                if self._sessions[token] <= 0:
+                    del self._sessions[token]
                 self._cond.notify_all()  # a batch waiting for this session's rows can go now
 
     def submit(self, rows: np.ndarray, session: object | None = None) -> Future:

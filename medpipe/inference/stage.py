@@ -119,7 +119,7 @@ def predict_batches(image_path: str, ranges: list[tuple[int, int]], info: ModelI
     if batch_wait_ms is None:
         return _predict_ranges(model, info, arr, ranges, batch_size, pixel_spacing)
     batcher = batcher_for((info.path, info.sha256), model, batch_size, batch_wait_ms / 1e3, info.name)
-    with batcher.session() as session:
+    with batcher.session(str(image_path)) as session:  # one study's tasks: one caller
         return _predict_ranges(model, info, arr, ranges, batch_size, pixel_spacing, batcher, session)
 
 

@@ -87,10 +87,24 @@ def test_a_bad_request_fails_alone(tiny):
 
 
 def test_one_caller_never_waits():
+    import time
+
     b = Batcher(lambda x: x + 1, batch_size=64, wait_s=5.0)  # a wait would show as seconds
+    t = time.monotonic()
     with b.session() as s:
         out = b.predict(np.zeros((3, 2), np.float32), s)
-    assert out.shape == (3, 2) and (out == 1).all() and b.stats()["calls"] == 1
+    # Two tasks of one study (one key): the idle one is not waited for either.
+    with b.session("study-a") as s1, b.session("study-a"):
+        b.predict(np.zeros((3, 2), np.float32), s1)
+    assert time.monotonic() - t < 2.5
+    assert out.shape == (3, 2) and (out == 1).all() and b.stats()["calls"] == 2
+
+
+def test_a_partial_batch_waits_for_another_studys_rows():
+    b = Batcher(lambda x: x + 1, batch_size=8, wait_s=5.0)
+    outs = _concurrently(b, [np.zeros((3, 2), np.float32), np.ones((4, 2), np.float32)])
+    assert (outs[0] == 1).all() and (outs[1] == 2).all()
+    assert b.stats()["calls"] == 1 and b.stats()["mixed_calls"] == 1
 
 
 def test_empty_request_is_an_error():
