@@ -38,6 +38,8 @@ import copy
 import hashlib
 import io
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -784,6 +786,7 @@ def _write_send(send_dir: Path, made: MadeObjects, wanted: set[str], record: dic
                 uid_key: bytes | None) -> list[Path]:
     send_dir = Path(send_dir)
     send_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(send_dir, 0o700)  # the objects carry the patient's identity
     deidentified = _send_cfg(cfg).identity == "deidentified"
     files = []
     for kind in KINDS:
@@ -793,8 +796,21 @@ def _write_send(send_dir: Path, made: MadeObjects, wanted: set[str], record: dic
         if deidentified:
             uid_key = uid_key or ident.load_uid_key(output_root(send_dir))
             ds = deidentify(ds, record["study_key"], uid_key)
-        files.append(atomic.write_bytes(send_dir / f"{kind}.dcm", _encode(ds)))
+        files.append(_write_private(send_dir / f"{kind}.dcm", _encode(ds)))
     return files
+
+
+def _write_private(path: Path, data: bytes) -> Path:
+    """Write ``data`` owner-only (0600) through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 @dataclass

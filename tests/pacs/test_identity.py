@@ -50,3 +50,13 @@ def test_remap_uids_consistent_and_once_for_shared_items():
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # standard UIDs stay
     assert ref.ReferencedSOPInstanceUID == remap_uid("1.2.3.4", key)  # remapped once, not twice
     assert ref.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+
+
+def test_uid_key_one_for_all_processes_of_a_first_run(tmp_path):
+    """Workers that need the key at the same moment all get the same one."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(4) as pool:
+        keys = set(pool.map(load_uid_key, [tmp_path] * 16))
+    assert len(keys) == 1 and keys == {load_uid_key(tmp_path)}
+    assert [p.name for p in (tmp_path / "private").iterdir()] == ["uid-key"]  # no temporary left

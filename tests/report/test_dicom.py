@@ -147,6 +147,9 @@ def test_objects_for_destinations_in_one_pass(study, tmp_path):
     objects, problems = write_dicom_outputs(study.study_dir, doc, Config(), study.files, send_dir=tmp_path / "send")
     assert [o["file"] for o in objects] == ["seg.dcm", "sr.dcm"] and not problems
     assert sorted(p.name for p in (tmp_path / "send").iterdir()) == ["report.dcm", "seg.dcm", "sr.dcm"]
+    # Identifying: owner-only until the outbox has them.
+    assert (tmp_path / "send").stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "send").iterdir()} == {0o600}
     key = load_uid_key(study.study_dir.parent.parent)
     for name in ("seg.dcm", "sr.dcm"):
         sent, kept = pydicom.dcmread(tmp_path / "send" / name), pydicom.dcmread(study.study_dir / name)
