@@ -766,7 +766,7 @@ def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
             file = f"{kind}.dcm"
         objects.append(_object(kind, file, made.reasons.get(kind)))
     if one_pass:
-        _write_send(Path(send_dir), made, send_wanted, record, cfg, uid_key)
+        _write_send(Path(send_dir), made, send_wanted, record, cfg, uid_key or key, study_dir)
     elif send_dir is not None:
         made.problems += write_send_objects(study_dir, record, cfg, source_files, send_dir, uid_key=uid_key).problems
     return objects, made.problems
@@ -783,7 +783,7 @@ def _send_cfg(cfg: Any) -> Any:
 
 
 def _write_send(send_dir: Path, made: MadeObjects, wanted: set[str], record: dict[str, Any], cfg: Any,
-                uid_key: bytes | None) -> list[Path]:
+                uid_key: bytes | None, study_dir: Path) -> list[Path]:
     send_dir = Path(send_dir)
     send_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(send_dir, 0o700)  # the objects carry the patient's identity
@@ -794,7 +794,7 @@ def _write_send(send_dir: Path, made: MadeObjects, wanted: set[str], record: dic
         if ds is None or kind not in wanted:
             continue
         if deidentified:
-            uid_key = uid_key or ident.load_uid_key(output_root(send_dir))
+            uid_key = uid_key or ident.load_uid_key(output_root(study_dir))
             ds = deidentify(ds, record["study_key"], uid_key)
         files.append(_write_private(send_dir / f"{kind}.dcm", _encode(ds)))
     return files
@@ -844,7 +844,7 @@ def write_send_objects(study_dir: Path, record: dict[str, Any], cfg: Any, source
     wanted = set(_send_cfg(cfg).objects)
     disabled = {k: "not in send.objects" for k in KINDS if k not in wanted}
     made = make_objects(Path(study_dir), record, source_files, disabled)
-    files = _write_send(send_dir, made, wanted, record, cfg, uid_key)
+    files = _write_send(send_dir, made, wanted, record, cfg, uid_key, Path(study_dir))
     return SendObjects(files, made.reasons, made.problems)
 
 
