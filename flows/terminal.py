@@ -12,7 +12,7 @@ from rich.table import Table
 
 from . import progress
 
-_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow"}
+_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow", "deferred": "cyan", "interrupted": "magenta"}
 
 
 class RunDisplay:
@@ -61,7 +61,9 @@ class RunDisplay:
         self.console.print(table)
         counts = run.get("counts", {})
         self.console.print(f"ok {counts.get('ok', 0)}, failed {counts.get('failed', 0)}, "
-                           f"skipped {counts.get('skipped', 0)}; {len(run.get('issues', []))} file problem(s). "
+                           f"skipped {counts.get('skipped', 0)}"
+                           + (f", deferred {counts['deferred']}" if counts.get("deferred") else "")
+                           + f"; {len(run.get('issues', []))} file problem(s). "
                            f"Results: {out / 'run.json'}, {out / 'run.html'}")
         failed = [s for s in run["studies"] if s["status"] == "failed"]
         if failed:

@@ -61,10 +61,41 @@ def credentials(cfg: Config) -> Any:
 
 
 def open_source(cfg: Config, url: str | None = None) -> Any:
-    """A client of ``url`` (default: the configured source) with the configured credentials."""
+    """A client of ``url`` (default: the configured source) with the configured credentials, which
+    does not show the series medpipe itself sent into a study (:class:`InputsOnly`)."""
     from medpipe.pacs import open_client
 
-    return open_client(url or cfg.source.url, cfg.pacs, credentials(cfg))
+    return InputsOnly(open_client(url or cfg.source.url, cfg.pacs, credentials(cfg)))
+
+
+def is_own_series(series: Any) -> bool:
+    """Whether a series of the PACS is one medpipe sent (SEG, SR, the report image): a result, not
+    an input. Counting it would change the study's fingerprint, so the study would be redone and
+    its results sent again every night."""
+    from medpipe.report.dicom import SERIES_NUMBERS
+
+    made = series.number in SERIES_NUMBERS.values() and (series.modality or "").upper() in ("SEG", "SR", "OT", "SC")
+    return made or (series.description or "").lower().startswith("medpipe")
+
+
+class InputsOnly:
+    """A :class:`~medpipe.pacs.PacsClient` whose ``find_series`` leaves out :func:`is_own_series`
+    (everything else is the wrapped client's)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def find_series(self, study_uid: str) -> list[Any]:
+        return [s for s in self._client.find_series(study_uid) if not is_own_series(s)]
+
+    def __enter__(self) -> "InputsOnly":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
 
 
 # --------------------------------------------------------------------------- checks and messages
