@@ -28,6 +28,9 @@ from ._label import label
 __all__ = ["region_stats", "label_counts", "lesion_candidates"]
 
 _TABLE_LIMIT = 2**24  # above this many (coordinate, label) cells, fall back to weighted sums
+# A block with at most 1/_SPARSE of its voxels labelled is measured from those voxels alone: the
+# whole-block path makes 8-byte temporaries of every voxel (a page fault per 4 KiB of new memory).
+_SPARSE = 8
 
 
 def _host(a: Any) -> np.ndarray:
@@ -53,11 +56,54 @@ def _axis_tables(lab: Any, n: int) -> list[np.ndarray]:
     return tables
 
 
-def _block_stats(lab: Any, img: Any, n: int, offset: Sequence[int], geometry: bool = True) -> dict[str, np.ndarray]:
+def _foreground_stats(lab: np.ndarray, img: Any, n: int, offset: Sequence[int]) -> dict[str, np.ndarray]:
+    """:func:`_block_stats` of a NumPy block from its labelled voxels alone (few of them, as
+    lesion candidates in a volume): equal to it for every label ``1..n``.
+
+    ``bincount`` adds each bin's values in the order of its input, and the labelled voxels are
+    taken in the block's order, so every float sum is the same addition as over the whole
+    block. Label 0 (background) gets its voxel count only (its sums and geometry are zero).
+    """
+    nd = lab.ndim
+    where = np.flatnonzero(lab)
+    values = lab.ravel()[where].astype(np.int64)
+    count = np.bincount(values, minlength=n + 1)
+    count[0] = lab.size - int(count[1:].sum())
+    out: dict[str, np.ndarray] = {"count": count}
+    if img is not None:
+        w = img.ravel()[where].astype(np.float64)
+        # (float64 also when no voxel is labelled: bincount gives int64 for empty input)
+        out["sum"] = np.bincount(values, weights=w, minlength=n + 1).astype(np.float64)
+        out["sumsq"] = np.bincount(values, weights=w * w, minlength=n + 1).astype(np.float64)
+        out["sum"][0] = out["sumsq"][0] = 0.0
+    csum = np.zeros((nd, n + 1))
+    lo = np.full((nd, n + 1), np.iinfo(np.int64).max, np.int64)
+    hi = np.full((nd, n + 1), -1, np.int64)
+    for ax, coord in enumerate(np.unravel_index(where, lab.shape)):
+        m = lab.shape[ax]
+        table = np.bincount(values + (n + 1) * coord, minlength=m * (n + 1)).reshape(m, n + 1)
+        table[:, 0] = 0
+        present = table > 0
+        any_ = present.any(axis=0)
+        csum[ax] = (table * np.arange(m)[:, None]).sum(axis=0) + offset[ax] * np.where(np.arange(n + 1) > 0, count, 0)
+        lo[ax] = np.where(any_, present.argmax(axis=0) + offset[ax], lo[ax])
+        hi[ax] = np.where(any_, m - 1 - present[::-1].argmax(axis=0) + offset[ax], hi[ax])
+    out.update(csum=csum, lo=lo, hi=hi)
+    return out
+
+
+def _block_stats(lab: Any, img: Any, n: int, offset: Sequence[int], geometry: bool = True,
+                 foreground: bool = False) -> dict[str, np.ndarray]:
+    """Per-label statistics of one block; ``foreground=True`` allows skipping the background's
+    sums and geometry (:func:`_foreground_stats`, taken for NumPy blocks mostly background)."""
     xp = get_xp(lab)
     if lab.size and int(lab.max()) > n:
         raise ValueError(f"label {int(lab.max())} exceeds n={n}")
     nd = lab.ndim
+    if (foreground and geometry and xp is np and lab.size
+            and all(lab.shape[ax] * (n + 1) <= _TABLE_LIMIT for ax in range(nd))
+            and np.count_nonzero(lab) <= lab.size // _SPARSE):
+        return _foreground_stats(lab, img, n, offset)
     fast = xp is np and nd == 3 and all(lab.shape[ax] * (n + 1) <= _TABLE_LIMIT for ax in range(nd))
     tables = _axis_tables(lab, n) if fast and geometry else None
     if tables is not None:
@@ -116,7 +162,8 @@ def _reduce(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return total
 
 
-def _stats(labels: Any, image: Any, n: int | None, geometry: bool = True) -> dict[str, np.ndarray]:
+def _stats(labels: Any, image: Any, n: int | None, geometry: bool = True,
+           foreground: bool = False) -> dict[str, np.ndarray]:
     if isinstance(labels, da.Array) or isinstance(image, da.Array):
         labels = labels if isinstance(labels, da.Array) else da.from_array(labels, chunks=labels.shape)
         if n is None:
@@ -130,11 +177,11 @@ def _stats(labels: Any, image: Any, n: int | None, geometry: bool = True) -> dic
         for idx in np.ndindex(*labels.numblocks):
             offset = [int(starts[a][i]) for a, i in enumerate(idx)]
             img_b = img_blocks[idx] if img_blocks is not None else None
-            tasks.append(dask.delayed(_block_stats)(lab_blocks[idx], img_b, n, offset, geometry))
+            tasks.append(dask.delayed(_block_stats)(lab_blocks[idx], img_b, n, offset, geometry, foreground))
         return _reduce(list(dask.compute(*tasks)))
     if n is None:
         n = int(labels.max()) if labels.size else 0
-    return _block_stats(labels, image, n, [0] * labels.ndim, geometry)
+    return _block_stats(labels, image, n, [0] * labels.ndim, geometry, foreground)
 
 
 def label_counts(labels: Any, n: int | None = None) -> np.ndarray:
@@ -181,7 +228,7 @@ def region_stats(
         from ..omezarr import default_affine
 
         affine = default_affine(tuple(spacing))  # type: ignore[arg-type]
-    st = _stats(labels, image, n)
+    st = _stats(labels, image, n, foreground=True)  # label 0 is not reported
     voxel_ml = math.prod(spacing) / 1000.0
     out = []
     for value in np.nonzero(st["count"])[0]:

@@ -213,6 +213,11 @@ def fill_holes(mask: Any, in_plane: bool = False) -> Any:
     filled on its own (2-D), which is how lungs or a body are closed when they touch the top
     or bottom of the volume.
     """
+    if in_plane and mask.ndim == 3 and isinstance(mask, da.Array):
+        # Slice by slice, holes are a matter of each block once blocks span whole slices:
+        # no labelling of the whole volume, no global relabelling, no round trip for borders.
+        whole = mask.astype(bool).rechunk({1: -1, 2: -1})
+        return whole.map_blocks(fill_holes, in_plane=True, dtype=bool).rechunk(mask.chunks)
     structure = IN_PLANE if in_plane and mask.ndim == 3 else None
     background = ~mask.astype(bool)
     lab, n = label(background, structure=structure)

@@ -51,3 +51,17 @@ def test_slice_tables_equal_whole_block(shape, dtype):
 def test_label_above_n_is_refused():
     with pytest.raises(ValueError, match="exceeds"):
         _block_stats(np.full((2, 2, 2), 5, np.int32), None, 3, [0, 0, 0])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 9, 4), (7, 1, 5), (13, 17, 11), (20, 30, 40)])
+def test_foreground_stats_equal_whole_block(shape):
+    """Sparse blocks are measured from their labelled voxels: the same numbers for labels 1..n."""
+    rng = np.random.default_rng(sum(shape))
+    n = 9
+    lab = rng.integers(1, n + 1, shape) * (rng.random(shape) < 0.05)
+    lab[lab == 4] = 0  # a label that is absent
+    img = rng.normal(size=shape).astype(np.float32)
+    got, ref = _block_stats(lab, img, n, [3, 0, 5], foreground=True), _whole_block(lab, img, n, [3, 0, 5])
+    assert got["count"][0] == ref["count"][0]
+    for key in ref:
+        np.testing.assert_array_equal(got[key][..., 1:], ref[key][..., 1:], err_msg=key)
