@@ -48,9 +48,13 @@ class StudyFigures:
 
 
 def png_base64(rgb: np.ndarray) -> str:
-    """Encode an (H, W) or (H, W, 3) uint8 array as base64 PNG."""
+    """Encode an (H, W) or (H, W, 3) uint8 array as base64 PNG.
+
+    zlib's default level, without Pillow's ``optimize`` (which searches the strongest
+    compression): about 10x faster to encode, files about 10% larger.
+    """
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG", optimize=True)
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
