@@ -239,7 +239,8 @@ def _story(tmp_path: Path, prefect_env: dict[str, Any], kind: str) -> None:
         if kind == "dicomweb":
             code, text = nights.run(env={"MEDPIPE_PACS_PASSWORD": "not-" + password})
         else:
-            code, text = nights.run(source=f"dimse://WRONG@{src.host}:{src.dicom_port}")
+            # Another address is another source (no watermark yet): --since, or it is refused first.
+            code, text = nights.run("--since", "2026-01-01", source=f"dimse://WRONG@{src.host}:{src.dicom_port}")
         assert code == 3, text
         assert "refused medpipe's credentials" in text, text
     finally:
