@@ -218,6 +218,8 @@ def fill_holes(mask: Any, in_plane: bool = False) -> Any:
         # no labelling of the whole volume, no global relabelling, no round trip for borders.
         whole = mask.astype(bool).rechunk({1: -1, 2: -1})
         return whole.map_blocks(fill_holes, in_plane=True, dtype=bool).rechunk(mask.chunks)
+    if in_plane and mask.ndim == 3 and isinstance(mask, np.ndarray):
+        return _fill_holes_slices(mask.astype(bool))
     structure = IN_PLANE if in_plane and mask.ndim == 3 else None
     background = ~mask.astype(bool)
     lab, n = label(background, structure=structure)
@@ -227,6 +229,23 @@ def fill_holes(mask: Any, in_plane: bool = False) -> Any:
     outside = outside[outside > 0]
     holes = (lab > 0) & ~keep_labels(lab, outside)
     return mask.astype(bool) | holes
+
+
+def _fill_holes_slices(mask: np.ndarray) -> np.ndarray:
+    """:func:`fill_holes` with ``in_plane=True`` of a NumPy volume, one z-slice at a time (the
+    in-plane structure never connects slices; a slice's labels stay in cache)."""
+    out = mask.copy()
+    cross = IN_PLANE[1]
+    for z in range(mask.shape[0]):
+        lab, n = scipy.ndimage.label(~mask[z], structure=cross)
+        if n == 0:
+            continue
+        outside = _touches_border(lab[None], in_plane=True)
+        table = np.ones(n + 1, bool)
+        table[0] = False
+        table[outside] = False
+        out[z] |= table[lab]
+    return out
 
 
 def largest_component(mask: Any, structure: Any = None) -> Any:
