@@ -52,3 +52,34 @@ def test_bad_date_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path:
         main(["run", URL, "--out", str(tmp_path), "--since", "1 Nov 2026"])
     assert exc.value.code == EXIT_USAGE
     assert "YYYY-MM-DD" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, expected", [
+    ({"username": "alice", "password": "s3cret-block"}, ("basic", "alice", "s3cret-block")),
+    ("bob:pw-in-block", ("basic", "bob", "pw-in-block")),
+])
+def test_credentials_from_a_prefect_secret_block(prefect_api: str, value: object,
+                                                 expected: tuple[str, str, str]) -> None:
+    """pacs.auth.secret_block names a real Prefect Secret block; the task layer reads it."""
+    import uuid
+
+    from prefect.blocks.system import Secret
+
+    from medpipe.config import Config
+    from tasks.pacs import credentials
+
+    name = f"pacs-{uuid.uuid4().hex[:8]}"
+    Secret(value=value).save(name)
+    creds = credentials(Config.model_validate({"pacs": {"auth": {"kind": "basic", "secret_block": name}}}))
+    assert (creds.kind, creds.username, creds.password) == expected
+    assert expected[2] not in repr(creds)
+
+
+def test_a_missing_secret_block_is_a_clear_error(prefect_api: str) -> None:
+    from medpipe.config import Config
+    from medpipe.errors import ConfigError
+    from tasks.pacs import credentials
+
+    cfg = Config.model_validate({"pacs": {"auth": {"kind": "bearer", "secret_block": "no-such-block"}}})
+    with pytest.raises(ConfigError, match="no-such-block"):
+        credentials(cfg)
