@@ -11,9 +11,11 @@ their StudyDate) and the series stability flag ``/series/{id}`` ``IsStable`` / `
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import re
+import ssl
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,6 +42,7 @@ from .client import (
 
 log = logging.getLogger(__name__)
 
+_UID_IN_PATH = re.compile(r"(studies|series|instances)/[0-9.]+")
 #: Accept of WADO-RS retrieval: Part 10 instances in the transfer syntax the server holds (no transcoding).
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _CHUNK = 1 << 20
@@ -99,7 +102,11 @@ class DicomWebClient:
         self.close()
 
     def _what(self, method: str, url: str) -> str:
-        return scrub(f"{method} {self.address.redacted()}{url if url.startswith('/') else '/' + url}", self._creds)
+        """``METHOD address/path`` for messages: no credential, and no UID (messages reach run.json)."""
+        path = url if url.startswith(("/", "http")) else "/" + url
+        path = _UID_IN_PATH.sub(r"\1/...", path.split("?")[0])
+        return scrub(f"{method} {self.address.redacted()}{path}" if not path.startswith("http")
+                     else f"{method} {path}", self._creds)
 
     def _check(self, r: httpx.Response, what: str) -> httpx.Response:
         if r.status_code in (401, 403):
@@ -209,26 +216,21 @@ class DicomWebClient:
             written: list[Path] = []
             try:
                 with throttled(self._sem):
+                    conn, r = self._open_stream(url, what)
                     try:
-                        req = self._http.build_request("GET", url, headers={"Accept": WADO_ACCEPT})
-                        r = self._http.send(req, stream=True)
-                    except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                        raise TransientError(scrub(f"{type(exc).__name__}: {exc}", self._creds)) from None
-                    try:
-                        self._check(r, what)
-                        if r.status_code == 204:
+                        if r.status == 204:
                             return 0
-                        boundary = _boundary(r.headers.get("content-type", ""), what)
-                        for part in _iter_parts(r.iter_bytes(_CHUNK), boundary, what):
+                        boundary = _boundary(r.getheader("content-type", ""), what)
+                        for part in _iter_parts(iter(lambda: r.read(_CHUNK), b""), boundary, what):
                             path = dest / f"{uuid.uuid4().hex}.dcm"
                             written.append(path)
                             with open(path, "wb") as fh:
                                 for chunk in part:
                                     fh.write(chunk)
-                    except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                    except (OSError, http.client.HTTPException) as exc:
                         raise TransientError(scrub(f"{type(exc).__name__}: {exc}", self._creds)) from None
                     finally:
-                        r.close()
+                        conn.close()
             except BaseException:
                 for p in written:
                     p.unlink(missing_ok=True)
@@ -236,6 +238,33 @@ class DicomWebClient:
             return len(written)
 
         return with_retries(attempt, cfg=self.cfg, what=what)
+
+    def _open_stream(self, url: str, what: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """``GET`` with the standard library's http.client, read in 1 MiB pieces: on 2 busy cores it
+        moves a WADO-RS series about twice as fast as httpx's 64 KiB stream (benchmarks/pacs.py)."""
+        a = self.address
+        if a.tls:
+            ctx = ssl.create_default_context(cafile=str(self.cfg.ca_bundle) if self.cfg.ca_bundle else None)
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                a.host, a.port, timeout=self.cfg.timeout_s, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(a.host, a.port, timeout=self.cfg.timeout_s)
+        try:
+            conn.request("GET", f"{a.path}/{url}", headers={"Accept": WADO_ACCEPT, **self._creds.http_headers()})
+            r = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise TransientError(scrub(f"{type(exc).__name__}: {exc}", self._creds)) from None
+        if r.status >= 400:
+            body = r.read(300).decode("utf-8", "replace")
+            conn.close()
+            if r.status in (401, 403):
+                raise PacsAuthError(f"{what}: HTTP {r.status}: the PACS refused medpipe's credentials "
+                                    f"(pacs.auth is {self._creds.kind!r})")
+            if r.status >= 500 or r.status in (408, 429):
+                raise TransientError(f"HTTP {r.status}")
+            raise PacsError(f"{what}: HTTP {r.status}: {scrub(body, self._creds)}")
+        return conn, r
 
     # ------------------------------------------------------------------ STOW-RS
     def store(self, paths: Sequence[Path]) -> StoreResult:
