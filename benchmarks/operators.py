@@ -9,6 +9,9 @@ figures are compute + halo exchange. Both Dask libraries get the same chunks (z-
 gets freshly named input arrays, so no run can reuse results still held by the scheduler, and
 every library runs once on a small array first so that imports on the workers are not timed.
 
+``fill_holes in-plane`` fills each z-slice's holes in 2-D (as ``body_mask`` does): SciPy's
+``binary_fill_holes`` slice by slice, medpipe's ``fill_holes(in_plane=True)`` block by block.
+
 Extra rows: ``median3 kernel`` is medpipe's exact 3x3x3 median kernel (``medpipe.ops._median3``)
 alone on the whole volume in this process, one thread (SciPy's column repeats the median
 row's); ``ct_tissues`` (``--only ct_tissues``, or all) segments a CT phantom of ``--shape``
@@ -40,7 +43,7 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=(320, 512, 512))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--only", nargs="+", choices=["gaussian", "median", "label", "ct_tissues"],
+    p.add_argument("--only", nargs="+", choices=["gaussian", "median", "label", "fill_holes", "ct_tissues"],
                    help="time only these operators (default: all)")
     args = p.parse_args()
 
@@ -105,6 +108,13 @@ def main() -> None:
              our_label,
              dask_image_label),
         ]
+        if want("fill_holes"):
+            # In-plane hole filling (each z-slice in 2-D, as body_mask does): SciPy slice by
+            # slice on the whole volume; medpipe block by block on whole-slice chunks.
+            cases.append(("fill_holes in-plane", mask,
+                          lambda a: np.stack([ndi.binary_fill_holes(s) for s in a]),
+                          lambda x: run(ops.fill_holes(x, in_plane=True)),
+                          None))
         if want("ct_tissues"):
             # CT phantom in HU (float32, as segment_study reads it): the method on the whole
             # NumPy volume in this process (SciPy's column) and on the cluster (medpipe's).
