@@ -15,9 +15,13 @@ Each method runs in its own process (peak RSS is its own), ``--repeat`` times; t
 counts. The whole benchmark (Orthanc included) is pinned to ``--cores`` CPUs. Orthanc and getscu
 (both DCMTK) run with ``TCP_NODELAY=1``: Debian's DCMTK otherwise leaves Nagle's algorithm on.
 
+``--night N`` measures instead what a night with no new study costs (time and PACS operations of
+``plan_pacs`` with the default 24 h overlap) against an Orthanc of N small studies over 30 days.
+
 Usage::
 
     .venv/bin/python benchmarks/pacs.py --instances 300 --cores 2 --repeat 3
+    .venv/bin/python benchmarks/pacs.py --night 300
 """
 
 from __future__ import annotations
@@ -123,6 +127,66 @@ def make_study(dest: Path, n: int, size: int) -> tuple[str, list[str], list[list
     return study_uid, series_uids, files
 
 
+class _Counting:
+    """Counts the PACS operations a client is asked for (each is one request or association)."""
+
+    def __init__(self, client):
+        self._client, self.calls = client, {}
+        self.address = client.address
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def counted(*a, **k):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*a, **k)
+
+        return counted
+
+
+def quiet_night(n_studies: int, days: int, work: Path) -> list[dict[str, object]]:
+    """What a night with no new study costs: plan against an Orthanc of ``n_studies`` small studies
+    spread over ``days`` days, after a first run that took them all."""
+    from datetime import datetime, timedelta
+
+    import numpy as np
+
+    from medpipe.config import Config
+    from medpipe.pacs import open_client
+    from medpipe.pacs.plan import commit_window, plan_pacs
+    from medpipe.sample.series import stable_uid, write_series
+    from orthanc import OrthancServer
+
+    srv = OrthancServer(work / "orthanc-night", stable_age_s=1)
+    rows = []
+    try:
+        srv.start()
+        now = datetime(2026, 11, 29, 2, 0)
+        files = []
+        for k in range(n_studies):
+            day = (now - timedelta(days=1 + k % days)).strftime("%Y%m%d")
+            files += write_series(np.zeros((2, 32, 32), np.float32), (1, 1, 1), work / "night" / f"st{k}",
+                                  study_uid=stable_uid("bench-night", k), series_uid=stable_uid("bench-night", k, 1),
+                                  study_date=day, StudyTime="101500")
+        srv.upload(files)
+        srv.wait_stable(120)
+        for url in (srv.dicomweb_url, srv.dimse_url):
+            out = work / f"night-out-{url[:5]}"
+            cfg = Config.model_validate({"source": {"since": "2000-01-01", "recheck_wait_s": 0}})
+            with open_client(url) as c:
+                commit_window(out, plan_pacs(c, cfg, out, now=now - timedelta(hours=1)))
+                counting = _Counting(c)
+                t0 = time.perf_counter()
+                plan = plan_pacs(counting, Config.model_validate({"source": {"recheck_wait_s": 0}}), out, now=now)
+                rows.append({"address": url.split(":")[0], "seconds": time.perf_counter() - t0,
+                             "studies_in_window": len(plan.plans), "operations": dict(counting.calls)})
+    finally:
+        srv.stop(kill=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--instances", type=int, default=300)
@@ -130,7 +194,18 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=2, help="CPUs the benchmark (Orthanc included) may use")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--night", type=int, default=0, metavar="N",
+                    help="instead: the cost of a night with no new study against N studies over 30 days")
     args = ap.parse_args()
+    if args.night:
+        sys.path.insert(0, str(ROOT / "tests" / "pacs"))
+        work = Path(tempfile.mkdtemp(prefix="medpipe-bench-night-"))
+        try:
+            for row in quiet_night(args.night, 30, work):
+                print(json.dumps(row))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
 
     if args.cores and hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))[: args.cores]

@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import ssl
+import struct
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -222,9 +223,15 @@ class DicomWebClient:
                             return 0
                         boundary = _boundary(r.getheader("content-type", ""), what)
                         for part in _iter_parts(iter(lambda: r.read(_CHUNK), b""), boundary, what):
-                            path = dest / f"{uuid.uuid4().hex}.dcm"
+                            head = bytearray()
+                            for chunk in part:   # enough of the part to read its file meta
+                                head += chunk
+                                if len(head) >= 4096:
+                                    break
+                            path = dest / instance_file_name(sop_uid_from_meta(bytes(head[:4096])))
                             written.append(path)
                             with open(path, "wb") as fh:
+                                fh.write(head)
                                 for chunk in part:
                                     fh.write(chunk)
                     except (OSError, http.client.HTTPException) as exc:
@@ -420,6 +427,50 @@ def _query_string(params: dict[str, Any]) -> str:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             parts.append(f"{quote(str(key), safe='')}={quote(str(v), safe='*?,-.:_')}")
     return "&".join(parts)
+
+
+# --------------------------------------------------------------------------- files named by SOP UID
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def sop_uid_from_meta(head: bytes) -> str | None:
+    """MediaStorageSOPInstanceUID from the start of a Part 10 file (its file meta group), or None.
+
+    >>> import io, pydicom
+    >>> from pydicom.dataset import FileMetaDataset
+    >>> ds = pydicom.Dataset(); ds.SOPInstanceUID = "1.2.3.4"; ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    >>> ds.file_meta = FileMetaDataset(); ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    >>> ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    >>> ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    >>> buf = io.BytesIO(); ds.save_as(buf, enforce_file_format=True)
+    >>> sop_uid_from_meta(buf.getvalue())
+    '1.2.3.4'
+    """
+    if head[128:132] != b"DICM":
+        return None
+    pos = 132
+    while pos + 8 <= len(head):
+        group, elem = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            return None
+        vr = head[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            if pos + 12 > len(head):
+                return None
+            length, hdr = struct.unpack_from("<I", head, pos + 8)[0], 12
+        else:
+            length, hdr = struct.unpack_from("<H", head, pos + 6)[0], 8
+        if elem == 0x0003:
+            value = head[pos + hdr:pos + hdr + length].rstrip(b"\0 ").decode("ascii", "replace")
+            return value if _UID.match(value) and len(value) <= 64 else None
+        pos += hdr + length
+    return None
+
+
+def instance_file_name(sop_uid: str | None) -> str:
+    """``<SOPInstanceUID>.dcm`` (so the arrived instances are known without reading the files
+    again), or a random name when the UID could not be read (the file is then read to check it)."""
+    return f"{sop_uid}.dcm" if sop_uid and _UID.match(sop_uid) else f"x-{uuid.uuid4().hex}.dcm"
 
 
 # --------------------------------------------------------------------------- multipart/related, streamed

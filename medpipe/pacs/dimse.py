@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +70,7 @@ from .client import (
     throttled,
     with_retries,
 )
+from .dicomweb import instance_file_name
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def _file_writer(dest_of: Callable[[Any], Path | None], written: list[Path]) -> 
         dest = dest_of(event)
         if dest is None:
             return 0xA700   # refused (out of resources): nobody here asked for this series
-        path = dest / f"{uuid.uuid4().hex}.dcm"
+        path = dest / instance_file_name(str(event.request.AffectedSOPInstanceUID or ""))
         path.write_bytes(event.encoded_dataset(include_meta=True))
         written.append(path)
         return 0x0000

@@ -12,6 +12,7 @@ study is published. A study that is still growing or arrived short raises
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pydicom import dcmread
 from .client import IncompleteStudy, PacsClient, PacsError
 
 log = logging.getLogger(__name__)
+_UID_NAME = re.compile(r"^[0-9]+(\.[0-9]+)*\.dcm$")
 
 
 class SeriesGrowing(IncompleteStudy):
@@ -83,9 +85,16 @@ def _label(source: dict[str, Any], series_uid: str) -> str:
 
 
 def arrived_uids(folder: Path) -> dict[str, Path]:
-    """SOPInstanceUID -> file of every DICOM file in ``folder`` (headers only)."""
+    """SOPInstanceUID -> file of every DICOM file in ``folder``.
+
+    The clients name each file ``<SOPInstanceUID>.dcm`` from the object as it arrived (its file
+    meta over DICOMweb, the C-STORE request over DIMSE); other files are read (header only).
+    """
     out: dict[str, Path] = {}
     for p in sorted(Path(folder).iterdir()):
+        if _UID_NAME.match(p.name):
+            out[p.name[:-4]] = p
+            continue
         try:
             ds = dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
             out[str(ds.SOPInstanceUID)] = p
@@ -127,11 +136,11 @@ def fetch_study(source: dict[str, Any], cache_dir: Path, client: PacsClient, *,
             got = arrived_uids(dest)
             missing = listed - set(got)
             extra = set(got) - listed
-            if missing or extra or n != len(got):
+            if missing or extra:   # an unreadable file is a missing instance; a duplicate is harmless
                 raise IncompleteStudy(
                     f"study {source['study_key']}: series {_label(source, uid)}: {len(set(got) & listed)} of "
-                    f"{expected} listed instance(s) arrived ({len(missing)} missing, {len(extra)} not listed, "
-                    f"{n - len(got)} unreadable or duplicate): deferred",
+                    f"{expected} listed instance(s) arrived ({len(missing)} missing, {len(extra)} not "
+                    f"listed; {n} received): deferred",
                     {uid: (expected, len(set(got) & listed))})
             log.debug("study %s series %d: %d instance(s) in %.2f s", source["study_key"], i, n,
                       time.monotonic() - t0)

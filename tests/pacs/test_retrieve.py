@@ -10,13 +10,11 @@ import pytest
 from pydicom import dcmread
 
 from medpipe.config import Config, PacsConfig
-from medpipe.pacs import IncompleteStudy, PacsAuthError, PacsUnavailable, open_client
+from medpipe.pacs import IncompleteStudy, PacsAuthError, PacsUnavailable, StudyQuery, open_client
 from medpipe.pacs.auth import Credentials
 from medpipe.pacs.client import pacs_semaphore
-from medpipe.pacs.dimse import StoreReceiver
 from medpipe.pacs.plan import plan_pacs
 from medpipe.pacs.retrieve import drop_study, fetch_study
-from orthanc import free_port
 
 FAST = {"timeout_s": 3, "retries": 2, "backoff_s": 0.05}
 
@@ -112,18 +110,16 @@ def test_wrong_password_is_an_auth_error_at_once(orthanc_factory, sample_archive
     t0 = time.monotonic()
     with open_client(srv.dicomweb_url, cfg, wrong) as c:
         with pytest.raises(PacsAuthError, match="HTTP 401.*refused medpipe's credentials") as exc:
-            c.find_studies(__import__("medpipe.pacs", fromlist=["StudyQuery"]).StudyQuery())
+            c.find_studies(StudyQuery())
     assert time.monotonic() - t0 < 1.5   # no retry (a retry would wait backoff_s)
     assert "wrong-password" not in str(exc.value) and "medpipe:" not in str(exc.value)
     right = Credentials(kind="basic", username="medpipe", password="right-password")
     with open_client(srv.dicomweb_url, cfg, right) as c:
-        assert c.find_studies(__import__("medpipe.pacs", fromlist=["StudyQuery"]).StudyQuery()) == []
+        assert c.find_studies(StudyQuery()) == []
 
 
 def test_unknown_called_ae_title_is_an_auth_error(orthanc_factory):
     srv = orthanc_factory(extra={"DicomCheckCalledAet": True})
-    from medpipe.pacs import StudyQuery
-
     with open_client(srv.dimse_url.replace("ORTHANC@", "NOT_ORTHANC@"), PacsConfig(**FAST)) as c:
         with pytest.raises(PacsAuthError, match="called AE title not recognised"):
             c.find_studies(StudyQuery())
@@ -131,8 +127,6 @@ def test_unknown_called_ae_title_is_an_auth_error(orthanc_factory):
 
 @pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
 def test_stopped_pacs_is_unavailable_after_retries(orthanc, make_study, tmp_path, protocol):
-    from medpipe.pacs import StudyQuery
-
     orthanc.upload(make_study().files)
     orthanc.stop(kill=True)
     url = orthanc.dicomweb_url if protocol == "dicomweb" else orthanc.dimse_url
