@@ -31,7 +31,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ._backend import get_ndi, get_xp
 
-__all__ = ["label", "check_structure"]
+__all__ = ["label", "block_labels", "check_structure"]
 
 
 def check_structure(structure: Any, ndim: int) -> np.ndarray:
@@ -126,6 +126,31 @@ def label(image: Any, structure: Any = None) -> tuple[Any, int]:
         lab, n = get_ndi(image).label(image, structure=xp.asarray(structure))
         return lab.astype(xp.int32, copy=False), int(n)
 
+    local, tables, n = block_labels(image, structure)
+    if n == 0:
+        return local, 0
+    rows = []
+    for idx in np.ndindex(*local.numblocks):
+        rows.append(local.blocks[idx].map_blocks(_lookup, table=tables[idx], dtype=np.int32))
+    nested = np.empty(local.numblocks, dtype=object)
+    for k, idx in enumerate(np.ndindex(*local.numblocks)):
+        nested[idx] = rows[k]
+    return da.block(nested.tolist()), n
+
+
+def block_labels(image: da.Array, structure: np.ndarray) -> tuple[da.Array, dict[tuple[int, ...], np.ndarray], int]:
+    """The components of a Dask array as each block's own labels and one table per block.
+
+    Returns
+    -------
+    local : Dask array of int32
+        Each block labelled on its own (``1..k`` in the block), persisted.
+    tables : dict
+        Block index to an int32 table from the block's labels to the global labels ``1..n``
+        (entry 0 is 0): :func:`label`'s result is ``tables[b][local block b]``.
+    n : int
+        Number of components.
+    """
     local = image.map_blocks(_label_block, structure=structure, dtype=np.int32)
     (local,) = dask.persist(local)
 
@@ -145,7 +170,7 @@ def label(image: Any, structure: Any = None) -> tuple[Any, int]:
     offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)
     total = int(counts.sum())
     if total == 0:
-        return local, 0
+        return local, {idx: np.zeros(1, np.int32) for idx in np.ndindex(*local.numblocks)}, 0
 
     pairs = []
     for (axis, b), slab in zip(where, slab_values):
@@ -162,16 +187,13 @@ def label(image: Any, structure: Any = None) -> tuple[Any, int]:
     # in order of their smallest global label.
     comp = comp.astype(np.int32)
 
-    rows = []
+    tables = {}
     for idx in np.ndindex(*local.numblocks):
         off, cnt = int(offsets[idx]), int(counts[idx])
         table = comp[off : off + cnt + 1].copy()
         table[0] = 0
-        rows.append(local.blocks[idx].map_blocks(_lookup, table=table, dtype=np.int32))
-    nested = np.empty(local.numblocks, dtype=object)
-    for k, idx in enumerate(np.ndindex(*local.numblocks)):
-        nested[idx] = rows[k]
-    return da.block(nested.tolist()), int(n - 1)
+        tables[idx] = table
+    return local, tables, int(n - 1)
 
 
 def _globalise(slab: np.ndarray, axis: int, boundary: int, chunks: tuple[tuple[int, ...], ...],

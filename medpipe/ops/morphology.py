@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import scipy.ndimage
@@ -250,6 +251,8 @@ def _fill_holes_slices(mask: np.ndarray) -> np.ndarray:
 
 def largest_component(mask: Any, structure: Any = None) -> Any:
     """The largest connected component of ``mask`` (empty mask in, empty mask out)."""
+    if isinstance(mask, da.Array):
+        return _largest_component_blocks(mask.astype(bool), check_structure(structure, mask.ndim))
     lab, n = label(mask.astype(bool), structure=structure)
     if n == 0:
         return lab > 0
@@ -258,3 +261,38 @@ def largest_component(mask: Any, structure: Any = None) -> Any:
     counts = label_counts(lab, n).copy()
     counts[0] = 0
     return lab == int(np.argmax(counts))
+
+
+def _block_counts(block: Any) -> np.ndarray:
+    """Voxel count of each of a block's own labels ``0..max`` (host array)."""
+    from .measure import label_counts
+
+    return label_counts(block, int(block.max()) if block.size else 0)
+
+
+def _largest_component_blocks(mask: da.Array, structure: np.ndarray) -> da.Array:
+    """:func:`largest_component` of a Dask array without relabelling it: each block's label
+    counts are gathered through the block's table to global counts (exact integers); the
+    component chosen is :func:`label`'s largest (the lowest label among equal counts, as
+    ``argmax``), and each block keeps its own labels that map to it (one boolean lookup)."""
+    from ._label import block_labels
+
+    local, tables, n = block_labels(mask, structure)
+    if n == 0:
+        return mask & False
+    idxs = list(np.ndindex(*local.numblocks))  # the C order of to_delayed().ravel()
+    parts = dask.compute(*[dask.delayed(_block_counts)(b) for b in local.to_delayed().ravel()])
+    counts = np.zeros(n + 1, np.int64)
+    for idx, part in zip(idxs, parts):
+        np.add.at(counts, tables[idx], np.asarray(part))
+    counts[0] = 0
+    best = int(np.argmax(counts))
+    nested = np.empty(local.numblocks, dtype=object)
+    for idx in idxs:
+        nested[idx] = local.blocks[idx].map_blocks(_lookup_bool, keep=tables[idx] == best, dtype=bool)
+    return da.block(nested.tolist())
+
+
+def _lookup_bool(block: Any, keep: np.ndarray) -> Any:
+    xp = get_xp(block)
+    return xp.take(xp.asarray(keep), block)
