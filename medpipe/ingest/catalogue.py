@@ -169,6 +169,7 @@ class Catalogue:
             self.rows[rel] = ((-1, -1, -1, -1), row[1])
             return None
         self.hits += 1
+        self.rows[rel] = (key, "")  # only the key is needed from now on (save); free the text
         return record
 
     def save(self, seen: dict[str, tuple[StatKey, Record]]) -> None:
