@@ -84,8 +84,7 @@ def filter_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     device = resolve_device(cfg.cluster.device)
     image_path, level0 = _open_level0(study_dir)
 
-    work = omezarr.read_image(image_path)
-    work = work.rechunk(working_chunks(work.shape, 4, cfg.cluster.workers, cfg.filters.work_chunk_mb))
+    work = _read_working(level0, cfg)
     work = to_device(work.astype(np.float32), device)
     for i, (step, func) in enumerate(zip(steps, funcs)):
         try:
@@ -109,8 +108,10 @@ def filter_study(study_dir: Path, modality: str, cfg: Config) -> dict:
             "shape": list(level0.shape)}
 
 
-def _working(arr: da.Array, cfg: Config) -> da.Array:
-    return arr.rechunk(working_chunks(arr.shape, 4, cfg.cluster.workers, cfg.filters.work_chunk_mb))
+def _read_working(array: zarr.Array, cfg: Config) -> da.Array:
+    """``array`` as a Dask array in working chunks, each read by one task from its Zarr chunks
+    (not one task per Zarr chunk and a concatenation of them, as a rechunk would)."""
+    return da.from_zarr(array, chunks=working_chunks(array.shape, 4, cfg.cluster.workers, cfg.filters.work_chunk_mb))
 
 
 def segment_study(study_dir: Path, modality: str, cfg: Config) -> dict:
@@ -135,19 +136,19 @@ def segment_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     if step.op not in METHODS:
         raise ConfigError(f"{where}: unknown method {step.op!r} (known: {', '.join(sorted(METHODS))})")
     device = resolve_device(cfg.cluster.device)
-    image_path, _ = _open_level0(study_dir)
+    image_path, level0 = _open_level0(study_dir)
     meta = omezarr.read_meta(image_path)
     filtered_path = study_dir / FILTERED
     try:
-        filtered = da.from_zarr(zarr.open_array(str(filtered_path), mode="r"))
+        filtered = zarr.open_array(str(filtered_path), mode="r")
     except Exception as exc:
         raise InputError(filtered_path, f"cannot open filtered image (run filter_study first): {exc}") from None
     if tuple(filtered.shape) != tuple(meta.shape):
         raise InputError(filtered_path, f"shape {filtered.shape} differs from image shape {meta.shape}")
     # Both volumes are read by several passes of the method and by the measurements: read and
     # decompress them once (held by the workers; raw in its stored dtype, int16 for CT).
-    filtered, raw = dask.persist(to_device(_working(filtered, cfg), device),
-                                 to_device(_working(omezarr.read_image(image_path), cfg), device))
+    filtered, raw = dask.persist(to_device(_read_working(filtered, cfg), device),
+                                 to_device(_read_working(level0, cfg), device))
     raw = raw.astype(np.float32)
 
     params = dict(step.params)
