@@ -14,9 +14,11 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import queue
 import re
 import ssl
 import struct
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -222,18 +224,19 @@ class DicomWebClient:
                         if r.status == 204:
                             return 0
                         boundary = _boundary(r.getheader("content-type", ""), what)
-                        for part in _iter_parts(iter(lambda: r.read(_CHUNK), b""), boundary, what):
-                            head = bytearray()
-                            for chunk in part:   # enough of the part to read its file meta
-                                head += chunk
-                                if len(head) >= 4096:
-                                    break
-                            path = dest / instance_file_name(sop_uid_from_meta(bytes(head[:4096])))
-                            written.append(path)
-                            with open(path, "wb") as fh:
-                                fh.write(head)
+                        with _FileWriter() as writer:   # disk writes overlap the socket reads
+                            for part in _iter_parts(iter(lambda: r.read(_CHUNK), b""), boundary, what):
+                                head = bytearray()
+                                for chunk in part:   # enough of the part to read its file meta
+                                    head += chunk
+                                    if len(head) >= 4096:
+                                        break
+                                path = dest / instance_file_name(sop_uid_from_meta(bytes(head[:4096])))
+                                written.append(path)
+                                writer.open(path)
+                                writer.write(bytes(head))
                                 for chunk in part:
-                                    fh.write(chunk)
+                                    writer.write(chunk)
                     except (OSError, http.client.HTTPException) as exc:
                         raise TransientError(scrub(f"{type(exc).__name__}: {exc}", self._creds)) from None
                     finally:
@@ -427,6 +430,60 @@ def _query_string(params: dict[str, Any]) -> str:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             parts.append(f"{quote(str(key), safe='')}={quote(str(v), safe='*?,-.:_')}")
     return "&".join(parts)
+
+
+class _FileWriter:
+    """Writes files on a thread of its own, fed through a bounded queue (at most ``_QUEUE`` chunks of
+    up to 1 MiB in flight), so that reading the next bytes from the socket does not wait for the disk.
+    An error on the writer's side is raised in the caller at the next call or on exit."""
+
+    _QUEUE = 16
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[tuple[str, Any]] = queue.Queue(self._QUEUE)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="medpipe-wado-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fh = None
+        while True:
+            op, arg = self._q.get()
+            if op == "stop":
+                break
+            if self._error is not None:
+                continue   # drain
+            try:
+                if op == "open":
+                    if fh is not None:
+                        fh.close()
+                    fh = open(arg, "wb")
+                elif fh is not None:
+                    fh.write(arg)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self._error = exc
+        if fh is not None:
+            fh.close()
+
+    def _put(self, op: str, arg: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put((op, arg))
+
+    def open(self, path: Path) -> None:
+        self._put("open", path)
+
+    def write(self, data: bytes) -> None:
+        self._put("data", data)
+
+    def __enter__(self) -> _FileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._q.put(("stop", None))
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
 
 
 # --------------------------------------------------------------------------- files named by SOP UID

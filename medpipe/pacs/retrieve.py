@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +126,17 @@ def fetch_study(source: dict[str, Any], cache_dir: Path, client: PacsClient, *,
     try:
         for i, s in enumerate(source["series"]):
             uid, expected = s["series_uid"], int(s["expected"])
-            listed = set(client.list_instances(study_uid, uid))
+            dest = folder / f"series-{i:03d}"
+            t0 = time.monotonic()
+            # the listing is asked for while the series streams in (two requests in flight)
+            with ThreadPoolExecutor(1) as pool:
+                listing = pool.submit(client.list_instances, study_uid, uid)
+                n = client.retrieve_series(study_uid, uid, dest)
+                listed = set(listing.result())
             if len(listed) != expected:
                 raise SeriesGrowing(f"study {source['study_key']}: series {_label(source, uid)} lists "
                                     f"{len(listed)} instance(s) where {expected} were counted: still changing",
                                     {uid: (expected, len(listed))})
-            dest = folder / f"series-{i:03d}"
-            t0 = time.monotonic()
-            n = client.retrieve_series(study_uid, uid, dest)
             got = arrived_uids(dest)
             missing = listed - set(got)
             extra = set(got) - listed
