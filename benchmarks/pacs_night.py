@@ -8,7 +8,7 @@ for DIMSE:
    stores the watermark;
 2. **quiet night** (the figure): ``medpipe run URL --out OUT`` again, no new study anywhere. Its
    wall time (a whole process, as cron or the schedule start it: Prefect, the Dask cluster, the
-   query, run.json) and its planning time (the ``plan-pacs`` task's log line) are printed;
+   query, run.json) and its planning time (run.json ``source.plan_seconds``) are printed;
 3. **worst-case planning**: every one of the studies inside the window and already published
    (``plan_pacs`` with ``is_done`` true for all, as a night whose overlap covers the whole PACS):
    the query of the window plus one series query per study; beside it, a plain client doing the
@@ -28,7 +28,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -55,22 +54,11 @@ def fill(srv, n: int, dest: Path, age_days: int) -> None:
 def night(url: str, out: Path, env: dict[str, str], *args: str) -> tuple[int, float, float | None, str]:
     """One ``medpipe run``: exit status, wall seconds, planning seconds (from its task's log), output."""
     t0 = time.perf_counter()
-    proc = subprocess.run([str(BIN / "medpipe"), "-v", "run", url, "--out", str(out), *args], env=env,
+    proc = subprocess.run([str(BIN / "medpipe"), "run", url, "--out", str(out), *args], env=env,
                           capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - t0
-    text = proc.stdout + proc.stderr
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-    return proc.returncode, wall, _plan_seconds(text), json.dumps(run.get("counts"))
-
-
-def _plan_seconds(text: str) -> float | None:
-    """Seconds between the plan task's start and its end lines in the verbose log."""
-    stamps = [(m.group(1), line) for line in text.splitlines()
-              if "plan-pacs" in line and (m := re.search(r"(\d\d:\d\d:\d\d\.\d+)", line))]
-    if len(stamps) < 2:
-        return None
-    t = [dt.datetime.strptime(s, "%H:%M:%S.%f") for s, _ in (stamps[0], stamps[-1])]
-    return (t[1] - t[0]).total_seconds()
+    return proc.returncode, wall, (run.get("source") or {}).get("plan_seconds"), json.dumps(run.get("counts"))
 
 
 def worst_case(url: str, n_expected: int) -> tuple[float, int]:

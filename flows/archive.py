@@ -309,9 +309,11 @@ def _plan_pacs(config: dict[str, Any], out: str, cfg: Config, model: dict[str, A
         done, _ = published_fingerprint(layout.study(key))
         return not cfg.run.force and done == input_fingerprint(fingerprint, cfg.fingerprint(), models)
 
+    t0 = time.perf_counter()
     pacs_plan = pacs_tasks.plan(config, out, is_done)
     run["source"] = {"kind": address.kind, "address": address.redacted(), "window": dict(pacs_plan.window),
-                     "deferred": len(pacs_plan.deferred), "committed": False}
+                     "deferred": len(pacs_plan.deferred), "committed": False,
+                     "plan_seconds": round(time.perf_counter() - t0, 3)}
     for d in pacs_plan.deferred:
         record(entry_for(d, out, "deferred", reason=d["reason"]))
     for d in pacs_plan.skipped:
