@@ -70,7 +70,7 @@ from .client import (
     throttled,
     with_retries,
 )
-from .dicomweb import instance_file_name
+from .dicomweb import _FileWriter, instance_file_name
 
 log = logging.getLogger(__name__)
 
@@ -268,10 +268,11 @@ class DimseClient:
         def attempt() -> int:
             written: list[Path] = []
             try:
-                handler = _file_writer(lambda _ds: dest, written)
-                with self._association(what, contexts, roles, [(evt.EVT_C_STORE, handler)]) as assoc:
-                    _drain_retrieve(assoc.send_c_get(self._series_identifier(study_uid, series_uid),
-                                                     StudyRootQueryRetrieveInformationModelGet), what)
+                with _FileWriter() as writer:   # the next instance is received while this one is written
+                    handler = _file_writer(lambda _ds: dest, written, writer)
+                    with self._association(what, contexts, roles, [(evt.EVT_C_STORE, handler)]) as assoc:
+                        _drain_retrieve(assoc.send_c_get(self._series_identifier(study_uid, series_uid),
+                                                         StudyRootQueryRetrieveInformationModelGet), what)
             except BaseException:
                 for p in written:
                     p.unlink(missing_ok=True)
@@ -351,16 +352,23 @@ def _no_delay(event: Any) -> None:
             pass
 
 
-def _file_writer(dest_of: Callable[[Any], Path | None], written: list[Path]) -> Callable[[Any], int]:
-    """An EVT_C_STORE handler that writes the received bytes (with file meta) as a Part 10 file."""
+def _file_writer(dest_of: Callable[[Any], Path | None], written: list[Path],
+                 writer: _FileWriter | None = None) -> Callable[[Any], int]:
+    """An EVT_C_STORE handler that writes the received bytes (with file meta) as a Part 10 file,
+    through ``writer``'s thread when given (the arrival check runs after it has finished)."""
 
     def handle(event: Any) -> int:
         dest = dest_of(event)
         if dest is None:
             return 0xA700   # refused (out of resources): nobody here asked for this series
         path = dest / instance_file_name(str(event.request.AffectedSOPInstanceUID or ""))
-        path.write_bytes(event.encoded_dataset(include_meta=True))
+        data = event.encoded_dataset(include_meta=True)
         written.append(path)
+        if writer is None:
+            path.write_bytes(data)
+        else:
+            writer.open(path)
+            writer.write(data)
         return 0x0000
 
     return handle
