@@ -1,4 +1,5 @@
-"""TensorFlow inference: model validation, per-study fan-out over Dask, training, evaluation.
+"""TensorFlow inference: model validation, per-study fan-out over Dask, model batches filled
+across the studies in flight in a worker process (:mod:`.batching`), training, evaluation.
 
 Importing this package does not import TensorFlow; the functions that need it do so lazily.
 
