@@ -121,7 +121,7 @@ def plan_pacs(client: PacsClient, cfg: Config, out: Path, now: datetime | None =
         count against ``source.max_studies``.
     """
     now = now or datetime.now()
-    now_ts = _time.time()
+    now_ts = now.timestamp()   # observations follow the run's clock; the recount waits in real time
     src = cfg.source
     address = client.address
     state = load_state(out, address)
@@ -169,7 +169,7 @@ def plan_pacs(client: PacsClient, cfg: Config, out: Path, now: datetime | None =
     desc_pattern = (src.study_description or "").lower()
     studies = sorted(found.values(), key=lambda s: (s.study_date, s.study_time, s.study_uid))
     taken = 0
-    recheck_after = now_ts + src.recheck_wait_s
+    recheck_after = _time.time() + src.recheck_wait_s
     for s in studies:
         key = make_study_key(s.study_uid, cfg.ingest.uid_salt)
         plan.study_uids[key] = s.study_uid
