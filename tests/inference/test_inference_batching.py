@@ -159,3 +159,22 @@ def test_whole_batches_run_in_the_callers_thread():
     assert out.ravel().tolist() == [3.0 * i for i in range(10)]
     me = threading.current_thread().name
     assert seen == [me, me, "medpipe-batch-t"]  # 2 whole batches here, the last 2 rows padded there
+
+
+def test_segmentation_masks_batched_across_studies_equal_per_study(tmp_path, tiny_segmenter):
+    from medpipe import omezarr
+
+    studies = [write_study(tmp_path, n_slices=n, seed=s) for s, n in enumerate((5, 11, 6))]
+    fields = {"output": "segmentation", "labels": ["background", "dense"], "batch_size": 8, "saliency_slices": 1}
+
+    def masks() -> list[np.ndarray]:
+        return [omezarr.read_labels(s / "image.zarr", "model").compute() for s in studies]
+
+    alone = _infer_all(studies, tiny_cfg(tiny_segmenter, **fields, batch_across_studies=False))
+    alone_masks = masks()
+    batching.clear_batchers()
+    batched = _infer_all(studies, tiny_cfg(tiny_segmenter, **fields, batch_wait_ms=200))
+    assert alone == batched
+    assert next(iter(batching._BATCHERS.values())).stats()["mixed_calls"] > 0
+    for a, b in zip(alone_masks, masks()):
+        assert np.array_equal(a, b) and a.any()
