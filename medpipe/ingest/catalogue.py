@@ -35,7 +35,8 @@ import logging
 import os
 import sqlite3
 import tempfile
-from dataclasses import astuple, fields
+from dataclasses import fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,16 @@ from .scan import FileIssue, Instance
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2
 FOLDER = "catalogue"
 StatKey = tuple[int, int, int, int]  # size, mtime_ns, inode, ctime_ns
 Record = Instance | FileIssue
 
 _FIELDS = tuple(f.name for f in fields(Instance))
-_TUPLES = tuple(i for i, f in enumerate(fields(Instance)) if "tuple" in str(f.type))
+_TUPLES = frozenset(f.name for f in fields(Instance) if "tuple" in str(f.type))
+# What differs from file to file of a series (position last); the rest is stored once per series' text.
+_OWN = ("size", "mtime_ns", "sop_uid", "instance_number", "position")
+_SHARED = tuple(name for name in _FIELDS if name not in _OWN and name != "path")
 # Issues that say something about this process's access, not the file's content: never kept.
 _TRANSIENT = ("cannot stat file", "cannot open file")
 _SOURCES = ("scan.py", "header.py", "checks.py", "catalogue.py")
@@ -80,10 +84,16 @@ def header_fingerprint(cfg: IngestConfig) -> str:
 
     h = hashlib.sha256(repr((SCHEMA, __version__, _FIELDS, cfg.max_series_voxels, cfg.on_nonfinite,
                              cfg.uid_salt)).encode())
-    here = Path(__file__).parent
-    for name in _SOURCES:
-        h.update((here / name).read_bytes())
+    h.update(_source_digest().encode())
     return h.hexdigest()
+
+
+@cache
+def _source_digest() -> str:
+    """The header reader's source, hashed once per process: the code this process runs, even
+    when the files are edited while it runs."""
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in _SOURCES)).hexdigest()
 
 
 def stat_key(st: os.stat_result) -> StatKey:
@@ -98,29 +108,51 @@ def keepable(record: Record) -> bool:
 
 
 def encode(record: Record) -> str:
-    """A record as a JSON array without its path (the path is the row's key)."""
+    """A record as text without its path (the path is the row's key).
+
+    An instance is ``I`` + a JSON array of the fields that differ from file to file (:data:`_OWN`)
+    + a newline + a JSON array of the rest, which a series' files share, so that a load parses
+    the shared part once per series (JSON never holds a raw newline). An issue is ``F`` + a JSON
+    array of its reason and study key.
+    """
     if isinstance(record, Instance):
-        return json.dumps(["i", *astuple(record)[1:]], separators=(",", ":"))
-    return json.dumps(["f", record.reason, record.study_key], separators=(",", ":"))
+        own = [getattr(record, name) for name in _OWN]
+        shared = [getattr(record, name) for name in _SHARED]
+        return "I" + json.dumps(own, separators=(",", ":")) + "\n" + json.dumps(shared, separators=(",", ":"))
+    return "F" + json.dumps([record.reason, record.study_key], separators=(",", ":"))
 
 
-def decode(text: str, path: str) -> Record:
-    """The record of the file at ``path`` from :func:`encode`'s text; ``ValueError`` if it is not one."""
-    values = json.loads(text)
-    if not isinstance(values, list) or not values:
+def decode(text: str, path: str, memo: dict[str, dict[str, Any]] | None = None) -> Record:
+    """The record of the file at ``path`` from :func:`encode`'s text; ``ValueError`` if it is not one.
+
+    ``memo`` keeps the parsed shared parts between calls (one per series).
+    """
+    if text[:1] == "F":
+        reason, key = json.loads(text[1:])
+        return FileIssue(path, str(reason), key)
+    own_text, newline, shared_text = text[1:].partition("\n")
+    if text[:1] != "I" or not newline:
         raise ValueError("not a record")
-    if values[0] == "f" and len(values) == 3:
-        return FileIssue(path, str(values[1]), values[2])
-    if values[0] != "i" or len(values) != len(_FIELDS):
+    shared = None if memo is None else memo.get(shared_text)
+    if shared is None:
+        values = json.loads(shared_text)
+        if not isinstance(values, list) or len(values) != len(_SHARED):
+            raise ValueError("not a record")
+        shared = {name: tuple(v) if name in _TUPLES and v is not None else v for name, v in zip(_SHARED, values)}
+        if memo is not None:
+            memo[shared_text] = shared
+    own = json.loads(own_text)
+    if not isinstance(own, list) or len(own) != len(_OWN):
         raise ValueError("not a record")
-    values[0] = path
-    for i in _TUPLES:
-        if values[i] is not None:
-            values[i] = tuple(values[i])
     # The frozen dataclass's __init__ sets each field through object.__setattr__, several times
     # slower than filling its __dict__; a warm night builds every instance of the archive here.
     inst = object.__new__(Instance)
-    inst.__dict__.update(zip(_FIELDS, values))
+    fields_ = inst.__dict__
+    fields_.update(shared)
+    fields_["path"] = path
+    fields_.update(zip(_OWN, own))
+    if own[-1] is not None:
+        fields_["position"] = tuple(own[-1])
     return inst
 
 
@@ -141,6 +173,7 @@ class Catalogue:
         self.valid = rows is not None  # False: missing or ignored, rebuilt whole by save()
         self.rows = rows or {}
         self.hits = 0
+        self._shared: dict[str, dict[str, Any]] = {}  # parsed shared parts of records (one per series)
 
     @classmethod
     def load(cls, path: str | Path, archive: str | Path, cfg: IngestConfig) -> "Catalogue":
@@ -163,7 +196,7 @@ class Catalogue:
         if row is None or row[0] != key:
             return None
         try:
-            record = decode(row[1], path)
+            record = decode(row[1], path, self._shared)
         except (ValueError, TypeError) as exc:  # a damaged row: read the file again, and rewrite the row
             log.warning("discovery catalogue %s: row of %r ignored: %s", self.path, rel, exc)
             self.rows[rel] = ((-1, -1, -1, -1), row[1])

@@ -124,8 +124,9 @@ def test_damaged_catalogue_is_ignored_with_a_warning(tmp_path, cfg, caplog, dama
         cat.write_bytes(b"")
     elif damage == "bad-row":
         with sqlite3.connect(cat) as con:
-            con.execute("UPDATE files SET record = '[\"i\", 1, 2' WHERE rel LIKE 's0/%'")
-            con.execute("UPDATE files SET record = '[\"i\", 1, 2]' WHERE rel LIKE 's1/%'")
+            con.execute("UPDATE files SET record = 'I[1,2' WHERE rel LIKE 's0/%'")
+            con.execute("UPDATE files SET record = 'I[1,2]' || char(10) || '[1]' WHERE rel LIKE 's1/%'")
+            con.execute("UPDATE files SET record = 'F[1]' WHERE rel LIKE 'junk/%'")
     else:
         cat.unlink()
         with sqlite3.connect(cat) as con:
