@@ -137,6 +137,7 @@ class DicomWebClient:
                     else:
                         r = self._http.request(method, url, **kwargs)
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                self._refuse_untrusted(exc, what)
                 raise TransientError(scrub(f"{type(exc).__name__}: {exc}", self._creds)) from None
             try:
                 return self._check(r, what)
@@ -145,6 +146,12 @@ class DicomWebClient:
                 raise
 
         return with_retries(attempt, cfg=self.cfg, what=what)
+
+    def _refuse_untrusted(self, exc: BaseException, what: str) -> None:
+        """A certificate that does not verify is a configuration matter: no retry."""
+        if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            raise PacsError(f"{what}: the server's TLS certificate is not trusted (set pacs.ca_bundle to the "
+                            f"CA that signed it): {exc}") from None
 
     def _json(self, url: str, params: dict[str, Any] | None = None) -> Any:
         if params:
@@ -264,6 +271,7 @@ class DicomWebClient:
             r = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
+            self._refuse_untrusted(exc, what)
             raise TransientError(scrub(f"{type(exc).__name__}: {exc}", self._creds)) from None
         if r.status >= 400:
             body = r.read(300).decode("utf-8", "replace")

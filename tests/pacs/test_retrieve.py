@@ -149,3 +149,93 @@ def test_one_throttle_per_pacs_address():
     assert a is b and a is not c
     assert a.acquire(blocking=False) and a.acquire(blocking=False) and not a.acquire(blocking=False)
     a.release(), a.release()
+
+
+class _TlsProxy:
+    """HTTPS in front of Orthanc's HTTP (Debian's Orthanc 1.10.1 crashes on its own HTTPS, SIGSEGV
+    at the first connection): Python's ssl server, a thread per connection pumping both ways."""
+
+    def __init__(self, pem_cert: Path, pem_key: Path, target_port: int) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ctx.load_cert_chain(pem_cert, pem_key)
+        self._target = target_port
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._threading = threading
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+
+        while True:
+            try:
+                raw, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                tls = self._ctx.wrap_socket(raw, server_side=True)
+            except OSError:
+                raw.close()   # a client that does not trust us
+                continue
+            up = socket.create_connection(("127.0.0.1", self._target))
+            self._threading.Thread(target=self._pump, args=(tls, up), daemon=True).start()
+
+    @staticmethod
+    def _pump(tls, up) -> None:
+        """Both directions on one thread: an SSL socket must not be read and written concurrently."""
+        import select
+
+        try:
+            while True:
+                ready = [tls] if tls.pending() else select.select([tls, up], [], [], 10)[0]
+                if not ready:
+                    return
+                for src, dst in ((tls, up), (up, tls)):
+                    if src in ready:
+                        data = src.recv(1 << 16)
+                        if not data:
+                            return
+                        dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (tls, up):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_tls_with_a_ca_bundle(orthanc, make_study, tmp_path):
+    """DICOMweb over HTTPS: trusted through pacs.ca_bundle (queries by httpx, WADO-RS by http.client);
+    without it the certificate is refused at once, with the reason."""
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    study = make_study(n_instances=3)
+    orthanc.upload(study.files)
+    orthanc.wait_stable()
+    proxy = _TlsProxy(cert, key, orthanc.http_port)
+    try:
+        url = f"dicomweb+https://127.0.0.1:{proxy.port}/dicom-web"
+        cfg = _cfg(ca_bundle=str(cert))
+        with open_client(url, cfg.pacs) as c:
+            [p] = plan_pacs(c, cfg, tmp_path / "out").plans
+            assert len(list(fetch_study(p["source"], tmp_path / "cache", c).rglob("*.dcm"))) == 3
+        t0 = time.monotonic()
+        with open_client(url, PacsConfig(timeout_s=3, retries=3, backoff_s=2.0)) as c:
+            with pytest.raises(Exception, match="TLS certificate is not trusted.*pacs.ca_bundle"):
+                c.find_studies(StudyQuery())
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        proxy.close()
