@@ -408,6 +408,9 @@ class Config(_Section):
         import hashlib
 
         relevant = self.model_dump(mode="json", exclude={"cluster", "run", "schedule", "pacs", "source", "send"})
+        for model in [relevant.get("model"), *(relevant.get("models") or [])]:
+            for key in ("batch_across_studies", "batch_wait_ms"):  # how batches are packed: same outputs
+                (model or {}).pop(key, None)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

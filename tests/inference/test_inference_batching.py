@@ -178,3 +178,13 @@ def test_segmentation_masks_batched_across_studies_equal_per_study(tmp_path, tin
     assert next(iter(batching._BATCHERS.values())).stats()["mixed_calls"] > 0
     for a, b in zip(alone_masks, masks()):
         assert np.array_equal(a, b) and a.any()
+
+
+def test_batching_settings_do_not_redo_studies():
+    """They change how batches are packed, not the outputs: the configuration fingerprint ignores them."""
+    from medpipe.config import Config
+
+    base = Config().fingerprint()
+    assert Config.model_validate({"model": {"batch_across_studies": False, "batch_wait_ms": 50}}).fingerprint() == base
+    named = Config.model_validate({"models": [{"name": "a"}]}).fingerprint()
+    assert Config.model_validate({"models": [{"name": "a", "batch_wait_ms": 9}]}).fingerprint() == named
