@@ -65,10 +65,24 @@ def _host(a: Any) -> np.ndarray:
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
+def sparse_lookup(block: np.ndarray, table: np.ndarray) -> np.ndarray | None:
+    """``table[block]`` for a NumPy block mostly 0 with ``table[0] == 0`` (lesion components in
+    a volume): only the non-zero voxels are looked up. None when the block is not sparse."""
+    if block.size == 0 or np.count_nonzero(block) > block.size // 8 or table[0] != 0:
+        return None
+    out = np.zeros(block.shape, table.dtype)  # zero pages: never written where nothing is
+    where = np.flatnonzero(block)
+    out.ravel()[where] = table[block.ravel()[where]]
+    return out
+
+
 def _lookup(block: Any, table: np.ndarray) -> Any:
     xp = get_xp(block)
     if xp is not np or block.ndim < 2:
         return xp.asarray(table)[block]
+    sparse = sparse_lookup(block, table)
+    if sparse is not None:
+        return sparse
     # Slice by slice: the index conversion of each slice stays in cache (25 % faster on
     # 150 x 512 x 512 int32 blocks than one fancy index).
     out = np.empty(block.shape, table.dtype)

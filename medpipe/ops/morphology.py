@@ -24,7 +24,7 @@ import numpy as np
 import scipy.ndimage
 
 from ._backend import get_ndi, get_xp
-from ._label import check_structure, label
+from ._label import check_structure, label, sparse_lookup
 from ._overlap import apply_overlap, planar_footprint
 
 __all__ = ["binary_erosion", "binary_opening", "binary_closing", "convex_hull_slices", "fill_holes", "largest_component", "keep_labels", "IN_PLANE"]
@@ -200,6 +200,10 @@ def keep_labels(labels: Any, keep: Any) -> Any:
         # are >= 0), one pass instead of two ``where`` and a fancy index.
         table = xp.zeros(n + 1, dtype=bool)
         table[xp.asarray(keep)] = True
+        if xp is np and block.ndim and block.dtype.kind in "iu":
+            sparse = sparse_lookup(block, table) if int(block.max(initial=0)) <= n else None
+            if sparse is not None:
+                return sparse
         return xp.take(table, block, mode="clip")
 
     if isinstance(labels, da.Array):
