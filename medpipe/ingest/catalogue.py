@@ -17,8 +17,8 @@ built in a temporary file and renamed). Each row holds the stat key in integer c
 record as a compact JSON array (no pickle: nothing in the file can run code).
 
 Validity: a ``meta`` table holds the archive's real path and a fingerprint of everything that
-shapes a record (:func:`header_fingerprint`: medpipe's version, the source of the header reader,
-``ingest.max_series_voxels``, ``ingest.on_nonfinite``, ``ingest.uid_salt``). A catalogue that
+shapes a record (:func:`header_fingerprint`: medpipe's and pydicom's versions, the source of the
+header reader, ``ingest.max_series_voxels``, ``ingest.on_nonfinite``, ``ingest.uid_salt``). A catalogue that
 is damaged, truncated, foreign, of another archive or of another fingerprint is ignored with a
 warning (every header is read again, and the catalogue rebuilt); it is never trusted and never
 fatal. Failing to write it only costs the next night time.
@@ -57,7 +57,7 @@ _OWN = ("size", "mtime_ns", "sop_uid", "instance_number", "position")
 _SHARED = tuple(name for name in _FIELDS if name not in _OWN and name != "path")
 # Issues that say something about this process's access, not the file's content: never kept.
 _TRANSIENT = ("cannot stat file", "cannot open file")
-_SOURCES = ("scan.py", "header.py", "checks.py", "catalogue.py")
+_SOURCES = ("scan.py", "header.py", "checks.py", "catalogue.py", "../keys.py")
 
 
 def archive_key(archive: str | Path) -> str:
@@ -80,10 +80,12 @@ def header_fingerprint(cfg: IngestConfig) -> str:
     The source of the header reader is hashed in (not only the version), so that a changed
     check invalidates catalogues even before a release.
     """
+    import pydicom
+
     from .. import __version__
 
-    h = hashlib.sha256(repr((SCHEMA, __version__, _FIELDS, cfg.max_series_voxels, cfg.on_nonfinite,
-                             cfg.uid_salt)).encode())
+    h = hashlib.sha256(repr((SCHEMA, __version__, pydicom.__version__, _FIELDS, cfg.max_series_voxels,
+                             cfg.on_nonfinite, cfg.uid_salt)).encode())
     h.update(_source_digest().encode())
     return h.hexdigest()
 
