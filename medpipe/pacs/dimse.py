@@ -71,6 +71,7 @@ from .client import (
     with_retries,
 )
 from .dicomweb import _FileWriter, instance_file_name
+from .dimse_get import GetAssociation, GetFailed, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -148,22 +149,27 @@ class DimseClient:
                                  evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_CONN_OPEN, _no_delay),
                                                *(handlers or [])])
             if not assoc.is_established:
-                where = self.address.redacted()
-                if rejection.get("result") == 0x01 and rejection.get("source") == 0x01 and \
-                        rejection.get("reason") in (_RJ_CALLING_AET, _RJ_CALLED_AET):
-                    which = "calling" if rejection["reason"] == _RJ_CALLING_AET else "called"
-                    raise PacsAuthError(f"{what} {where}: association rejected: {which} AE title not "
-                                        f"recognised (calling {self.cfg.calling_aet!r}, called "
-                                        f"{self.address.called_aet!r})")
-                if rejection.get("result") == 0x01:
-                    raise PacsError(f"{what} {where}: association rejected permanently ({rejection})")
-                raise TransientError("association rejected (transient)" if rejection else
-                                     "no association (connection refused, aborted or timed out)")
+                if rejection:
+                    raise self._rejected(what, rejection["result"], rejection["source"], rejection["reason"])
+                raise TransientError("no association (connection refused, aborted or timed out)")
             try:
                 yield assoc
             finally:
                 if assoc.is_established:
                     assoc.release()
+
+    def _rejected(self, what: str, result: int, source: int, reason: int) -> PacsError:
+        """The error of an A-ASSOCIATE-RJ: unknown AE titles are an auth error, other permanent
+        rejections an error, transient ones a retry."""
+        where = self.address.redacted()
+        if result == 0x01 and source == 0x01 and reason in (_RJ_CALLING_AET, _RJ_CALLED_AET):
+            which = "calling" if reason == _RJ_CALLING_AET else "called"
+            return PacsAuthError(f"{what} {where}: association rejected: {which} AE title not recognised "
+                                 f"(calling {self.cfg.calling_aet!r}, called {self.address.called_aet!r})")
+        if result == 0x01:
+            return PacsError(f"{what} {where}: association rejected permanently "
+                             f"(result {result}, source {source}, reason {reason})")
+        return TransientError("association rejected (transient)")
 
     def _what(self, op: str) -> str:
         return f"{op} {self.address.redacted()}"
@@ -259,24 +265,41 @@ class DimseClient:
         return q
 
     def _get_series(self, study_uid: str, series_uid: str, dest: Path) -> int:
+        """C-GET on medpipe's own socket loop (:mod:`medpipe.pacs.dimse_get`: each dataset streamed
+        to its file as its PDUs arrive), one association per attempt, throttled like the others."""
         dest.mkdir(parents=True, exist_ok=True)
         what = self._what("C-GET")
-        contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
-        contexts += [build_context(sop, list(ts)) for sop in GET_STORAGE_CLASSES for ts in GET_TRANSFER_SYNTAXES]
-        roles = [build_role(sop, scp_role=True) for sop in GET_STORAGE_CLASSES]
 
         def attempt() -> int:
+            contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
+            contexts += [build_context(sop, list(ts)) for sop in GET_STORAGE_CLASSES for ts in GET_TRANSFER_SYNTAXES]
+            roles = [build_role(sop, scp_role=True) for sop in GET_STORAGE_CLASSES]
             written: list[Path] = []
+            link = GetAssociation(self.address.host, self.address.port, calling_aet=self.cfg.calling_aet,
+                                  called_aet=self.address.called_aet, timeout_s=self.cfg.timeout_s)
             try:
-                with _FileWriter() as writer:   # the next instance is received while this one is written
-                    handler = _file_writer(lambda _ds: dest, written, writer)
-                    with self._association(what, contexts, roles, [(evt.EVT_C_STORE, handler)]) as assoc:
-                        _drain_retrieve(assoc.send_c_get(self._series_identifier(study_uid, series_uid),
-                                                         StudyRootQueryRetrieveInformationModelGet), what)
+                with throttled(self._sem):
+                    try:
+                        link.open(contexts, roles)
+                    except Rejected as rj:
+                        raise self._rejected(what, rj.result, rj.source, rj.reason) from None
+                    with _FileWriter() as writer:   # the next PDU is read while this one is written
+                        status = link.get(StudyRootQueryRetrieveInformationModelGet,
+                                          self._series_identifier(study_uid, series_uid), dest, written, writer)
+                    link.release()
+            except GetFailed as exc:
+                link.abort()
+                for p in written:
+                    p.unlink(missing_ok=True)
+                _raise_for_final(exc.status, exc.failed, what)
+                raise PacsError(f"{what}: failed with status 0x{exc.status:04X}") from None
             except BaseException:
+                link.abort()
                 for p in written:
                     p.unlink(missing_ok=True)
                 raise
+            if status == 0xB000:
+                log.warning("%s: some sub-operation(s) failed; the arrival check will tell what is missing", what)
             return len(written)
 
         return with_retries(attempt, cfg=self.cfg, what=what)
@@ -385,12 +408,17 @@ def _drain_retrieve(responses: Iterator[tuple[Dataset, Dataset | None]], what: s
         raise TransientError("no final response")
     code = int(final.Status)
     failed = _int(final.get("NumberOfFailedSuboperations")) or 0
+    _raise_for_final(code, failed, what)
+    if code == 0xB000 and failed:
+        log.warning("%s: %d sub-operation(s) failed; the counts check will tell what is missing", what, failed)
+
+
+def _raise_for_final(code: int, failed: int, what: str) -> None:
+    """Raise the error of a failed or refused final C-GET/C-MOVE status (nothing for the others)."""
     if code == 0xA702 or (code & 0xF000) in (0xA000, 0xC000):
         raise PacsError(f"{what}: failed with status 0x{code:04X} ({failed} sub-operation(s) failed)")
     if code == 0xA701 or code == 0xA801:
         raise PacsError(f"{what}: refused with status 0x{code:04X} (move destination unknown to the PACS?)")
-    if code == 0xB000 and failed:
-        log.warning("%s: %d sub-operation(s) failed; the counts check will tell what is missing", what, failed)
 
 
 class StoreReceiver:
