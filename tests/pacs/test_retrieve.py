@@ -52,6 +52,25 @@ def test_fetch_every_sample_study_as_sent(orthanc_sample, sample_archive, tmp_pa
     assert "1.2.840.10008.1.2.4.90" in {ts for ts, _ in got.values()}   # JPEG 2000 lossless, not transcoded
 
 
+def test_c_get_writes_each_dataset_as_sent_across_many_pdus(orthanc, make_study, tmp_path):
+    """medpipe's own C-GET loop: instances of 512 KB arrive in several PDUs each; every file is a
+    valid Part 10 file whose dataset equals the one stored, named by its SOPInstanceUID."""
+    study = make_study(n_instances=3, size=512)
+    orthanc.upload(study.files)
+    [(series_uid, files)] = study.series.items()
+    with open_client(orthanc.dimse_url, PacsConfig(**FAST)) as c:
+        assert c.retrieve_series(study.study_uid, series_uid, tmp_path / "got") == 3
+    sent = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, files)}
+    for p in (tmp_path / "got").iterdir():
+        ds = dcmread(p)
+        assert p.name == f"{ds.SOPInstanceUID}.dcm"
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.file_meta.TransferSyntaxUID == sent[p.name[:-4]].file_meta.TransferSyntaxUID
+        assert ds == sent.pop(p.name[:-4])
+        assert ds.pixel_array.shape == (512, 512)
+    assert not sent
+
+
 @pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
 def test_instance_removed_after_planning_is_incomplete(orthanc, make_study, tmp_path, protocol):
     study = make_study(n_series=2, n_instances=4)
