@@ -4,8 +4,9 @@ sending SEG, SR and the report image back, for DICOMweb and for DIMSE.
 Each test is one story of several nights, each night a real ``medpipe run`` subprocess as users
 start it (its own Dask cluster; one Prefect server for the module):
 
-1. two studies: both processed, SEG and SR filed into the same studies in the source Orthanc
-   and delivered to a second destination;
+1. two studies (DICOMweb: and the sample archive, whose CR is JPEG 2000 compressed): all
+   processed, SEG and SR filed into the same studies in the source Orthanc and delivered to a
+   second destination;
 2. two new studies arrive, and a third whose series is still being added while the run plans
    (instances trickle in): only the two are processed, the third is ``deferred``; the second
    destination is stopped, so its results stay ``pending`` in the outbox;
@@ -174,7 +175,7 @@ def assert_no_secret(password: str, places: list[Path]) -> None:
 
 
 # --------------------------------------------------------------------------- the stories
-def _story(tmp_path: Path, prefect_env: dict[str, Any], kind: str) -> None:
+def _story(tmp_path: Path, prefect_env: dict[str, Any], kind: str, sample: dict[str, Any] | None = None) -> None:
     from medpipe.keys import study_key
 
     password = "pw-" + secrets.token_hex(12)
@@ -189,19 +190,26 @@ def _story(tmp_path: Path, prefect_env: dict[str, Any], kind: str) -> None:
         uids = {n: write_phantom(tmp_path / "studies", n, slices=12 if n < 5 else 24) for n in range(1, 6)}
         keys = {n: study_key(uid) for n, (uid, _) in uids.items()}
 
-        # Night 1: studies 1 and 2 (a first run: --since).
+        # Night 1: studies 1 and 2, and the sample archive if given (a first run: --since).
         src.upload(uids[1][1] + uids[2][1])
+        samples = {s["study_key"]: s for s in (sample or {}).get("studies", [])}
+        if sample:
+            src.upload_folder(sample["root"])
         wait_stable(src)
-        code, text = nights.run("--since", "2026-01-01")
+        code, text = nights.run("--since", "2000-01-01")
         assert code == 0, text
         run = nights.record()
-        assert statuses(run) == {keys[1]: "ok", keys[2]: "ok"}, run["studies"]
+        assert statuses(run) == {keys[1]: "ok", keys[2]: "ok", **{k: "ok" for k in samples}}, run["studies"]
         assert run["source"]["window"]["start"] and run["source"]["committed"] is True
+        first = 2 + len(samples)
         for d in (url, dest_url):
-            assert outbox(run, d)["delivered"] == 2 and outbox(run, d)["pending"] == 0, run["outbox"]
+            assert outbox(run, d)["delivered"] == first and outbox(run, d)["pending"] == 0, run["outbox"]
         for n in (1, 2):
             assert {"SEG", "SR"} <= set(modalities_in(src, uids[n][0])), "results not in the source study"
             assert {"SEG", "SR"} <= set(modalities_in(dest, uids[n][0]))
+        for s in samples.values():  # SR for every study; SEG for the volumes
+            want = {"SEG", "SR"} if s["n_files"] > 1 else {"SR"}
+            assert want <= set(modalities_in(src, s["study_uid"])), (s["name"], modalities_in(src, s["study_uid"]))
         sent = src.instance_count(uids[1][0])
 
         # Night 2: studies 3 and 4 are new; 5 is still arriving; the second destination is down.
@@ -215,7 +223,7 @@ def _story(tmp_path: Path, prefect_env: dict[str, Any], kind: str) -> None:
         got = statuses(run)
         assert got[keys[3]] == got[keys[4]] == "ok", run["studies"]
         assert got[keys[5]] == "deferred", run["studies"]
-        assert got.get(keys[1], "skipped") == "skipped" and got.get(keys[2], "skipped") == "skipped"
+        assert all(got.get(k, "skipped") == "skipped" for k in [keys[1], keys[2], *samples]), run["studies"]
         assert run["counts"]["deferred"] == 1 and run["counts"]["ok"] == 2
         assert outbox(run, url)["delivered"] == 2, run["outbox"]                  # 3 and 4 only
         assert outbox(run, dest_url)["pending"] == 2 and outbox(run, dest_url)["last_error"], run["outbox"]
@@ -249,9 +257,11 @@ def _story(tmp_path: Path, prefect_env: dict[str, Any], kind: str) -> None:
     assert_no_secret(password, [nights.out, *nights.logs, prefect_env["home"]])
 
 
-def test_nightly_dicomweb(tmp_path: Path, prefect_env: dict[str, Any]) -> None:
-    _story(tmp_path, prefect_env, "dicomweb")
+def test_nightly_dicomweb(tmp_path: Path, prefect_env: dict[str, Any], sample_archive: dict[str, Any]) -> None:
+    _story(tmp_path, prefect_env, "dicomweb", sample_archive)
 
 
 def test_nightly_dimse(tmp_path: Path, prefect_env: dict[str, Any]) -> None:
+    """The same story over C-FIND, C-GET and C-STORE (small studies only: the sample archive's
+    run is the DICOMweb test's, and each night here starts a whole run)."""
     _story(tmp_path, prefect_env, "dimse")
