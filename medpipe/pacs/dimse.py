@@ -71,7 +71,7 @@ from .client import (
     with_retries,
 )
 from .dicomweb import _FileWriter, instance_file_name
-from .dimse_get import GetAssociation, GetFailed, Rejected
+from .dimse_get import GetAssociation, Rejected, StatusFailed
 
 log = logging.getLogger(__name__)
 
@@ -175,23 +175,36 @@ class DimseClient:
         return f"{op} {self.address.redacted()}"
 
     # ------------------------------------------------------------------ C-FIND
+    @contextmanager
+    def _link(self, what: str, contexts: list[Any], roles: Sequence[Any] = ()) -> Iterator[GetAssociation]:
+        """An association on medpipe's own socket loop (throttled), released after the block, aborted
+        on an error; rejections mapped as for :meth:`_association`."""
+        link = GetAssociation(self.address.host, self.address.port, calling_aet=self.cfg.calling_aet,
+                              called_aet=self.address.called_aet, timeout_s=self.cfg.timeout_s)
+        with throttled(self._sem):
+            try:
+                link.open(contexts, roles)
+            except Rejected as rj:
+                raise self._rejected(what, rj.result, rj.source, rj.reason) from None
+            try:
+                yield link
+            except BaseException:
+                link.abort()
+                raise
+            link.release()
+
     def _find(self, identifier: Dataset) -> list[Dataset]:
+        """C-FIND on medpipe's own loop (pynetdicom's reactors would cost more than the PACS's answer)."""
         what = self._what(f"C-FIND {identifier.QueryRetrieveLevel}")
 
         def attempt() -> list[Dataset]:
-            out: list[Dataset] = []
-            with self._association(what, [build_context(StudyRootQueryRetrieveInformationModelFind)]) as assoc:
-                for status, ds in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
-                    if not status:
-                        raise TransientError("C-FIND: no response (timeout or abort)")
-                    code = int(status.Status)
-                    if code in (0xFF00, 0xFF01) and ds is not None:
-                        out.append(ds)
-                    elif code not in (0x0000, 0xFF00, 0xFF01):
-                        if code in (0xA700,) or (code & 0xF000) == 0xC000:
-                            raise PacsError(f"{what}: failed with status 0x{code:04X}")
-                        raise TransientError(f"C-FIND status 0x{code:04X}")
-            return out
+            try:
+                with self._link(what, [build_context(StudyRootQueryRetrieveInformationModelFind)]) as link:
+                    return link.find(StudyRootQueryRetrieveInformationModelFind, identifier)
+            except StatusFailed as exc:
+                if exc.status == 0xA700 or (exc.status & 0xF000) == 0xC000:
+                    raise PacsError(f"{what}: failed with status 0x{exc.status:04X}") from None
+                raise TransientError(f"C-FIND status 0x{exc.status:04X}") from None
 
         return with_retries(attempt, cfg=self.cfg, what=what)
 
@@ -275,26 +288,17 @@ class DimseClient:
             contexts += [build_context(sop, list(ts)) for sop in GET_STORAGE_CLASSES for ts in GET_TRANSFER_SYNTAXES]
             roles = [build_role(sop, scp_role=True) for sop in GET_STORAGE_CLASSES]
             written: list[Path] = []
-            link = GetAssociation(self.address.host, self.address.port, calling_aet=self.cfg.calling_aet,
-                                  called_aet=self.address.called_aet, timeout_s=self.cfg.timeout_s)
             try:
-                with throttled(self._sem):
-                    try:
-                        link.open(contexts, roles)
-                    except Rejected as rj:
-                        raise self._rejected(what, rj.result, rj.source, rj.reason) from None
+                with self._link(what, contexts, roles) as link:
                     with _FileWriter() as writer:   # the next PDU is read while this one is written
                         status = link.get(StudyRootQueryRetrieveInformationModelGet,
                                           self._series_identifier(study_uid, series_uid), dest, written, writer)
-                    link.release()
-            except GetFailed as exc:
-                link.abort()
+            except StatusFailed as exc:
                 for p in written:
                     p.unlink(missing_ok=True)
                 _raise_for_final(exc.status, exc.failed, what)
                 raise PacsError(f"{what}: failed with status 0x{exc.status:04X}") from None
             except BaseException:
-                link.abort()
                 for p in written:
                     p.unlink(missing_ok=True)
                 raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from io import BytesIO
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from pydicom import Dataset
 from pydicom.uid import ImplicitVRLittleEndian, UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -45,7 +46,7 @@ _RQ, _AC, _RJ, _PDATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x01, 0x02, 0x03, 0x04
 _AFFECTED_CLASS, _COMMAND, _MSG_ID, _RESPONDED_TO = 0x0002, 0x0100, 0x0110, 0x0120
 _PRIORITY, _DATASET_TYPE, _STATUS, _AFFECTED_INSTANCE = 0x0700, 0x0800, 0x0900, 0x1000
 _N_FAILED = 0x1022
-_C_STORE_RQ, _C_GET_RQ, _C_GET_RSP = 0x0001, 0x0010, 0x8010
+_C_STORE_RQ, _C_GET_RQ, _C_GET_RSP, _C_FIND_RQ, _C_FIND_RSP = 0x0001, 0x0010, 0x8010, 0x0020, 0x8020
 _NO_DATASET = 0x0101
 
 
@@ -57,11 +58,11 @@ class Rejected(PacsError):
         self.result, self.source, self.reason = result, source, reason
 
 
-class GetFailed(PacsError):
-    """The final C-GET-RSP: ``status`` and ``failed`` (NumberOfFailedSuboperations)."""
+class StatusFailed(PacsError):
+    """A failed final C-GET-RSP or C-FIND-RSP: ``status`` and ``failed`` (NumberOfFailedSuboperations)."""
 
-    def __init__(self, status: int, failed: int) -> None:
-        super().__init__(f"C-GET status 0x{status:04X}")
+    def __init__(self, status: int, failed: int = 0) -> None:
+        super().__init__(f"DIMSE status 0x{status:04X}")
         self.status, self.failed = status, failed
 
 
@@ -132,7 +133,7 @@ class GetAssociation:
     """One association, opened by :meth:`open`; :meth:`get` retrieves; :meth:`release` ends it.
 
     Errors: :class:`Rejected` (A-ASSOCIATE-RJ), :class:`TransientError` (connection refused, cut,
-    aborted or timed out), :class:`GetFailed` (a failed final status), :class:`PacsError`
+    aborted or timed out), :class:`StatusFailed` (a failed final status), :class:`PacsError`
     (a protocol violation).
     """
 
@@ -165,6 +166,16 @@ class GetAssociation:
         if length > max(MAX_PDU, 1 << 16) + 6:
             raise PacsError(f"PDU of {length} bytes: larger than the {MAX_PDU} medpipe announced")
         return kind, self._recv_exact(length)
+
+    def _send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
+        """A command set (and its dataset) in P-DATA PDUs no larger than the peer accepts."""
+        room = (self._peer_max - 6 if self._peer_max else 1 << 20) - 6
+        for data, flag in ((command, 0x01), (dataset, 0x00)):
+            if data is None:
+                continue
+            for at in range(0, max(len(data), 1), room):
+                piece = data[at:at + room]
+                self._send(_pdata(context_id, flag | (0x02 if at + room >= len(data) else 0), piece))
 
     def _send(self, data: bytes) -> None:
         assert self._sock is not None
@@ -243,12 +254,64 @@ class GetAssociation:
                 pass
         self.close()
 
+    # ------------------------------------------------------------------ C-FIND
+    def find(self, find_class: str, identifier: Dataset) -> list[Dataset]:
+        """C-FIND-RQ for ``identifier`` on the first context (``find_class``); return the identifiers
+        of the pending responses (a failed final status raises :class:`StatusFailed`)."""
+        ctx = 1
+        if ctx not in self._syntax:
+            raise PacsError(f"the PACS accepted no presentation context for {find_class} (C-FIND)")
+        implicit = self._syntax[ctx] == ImplicitVRLittleEndian
+        self._send_message(ctx, command_set({
+            _AFFECTED_CLASS: _ui(find_class), _COMMAND: _us(_C_FIND_RQ), _MSG_ID: _us(1),
+            _PRIORITY: _us(0), _DATASET_TYPE: _us(0x0000)}), encode(identifier, implicit, True))
+        found: list[Dataset] = []
+        command, dataset = bytearray(), bytearray()
+        final: int | None = None
+        while True:
+            kind, body = self._read_pdu()
+            if kind == _ABORT:
+                raise TransientError("association aborted by the PACS")
+            if kind != _PDATA:
+                raise PacsError(f"unexpected PDU type 0x{kind:02X} during C-FIND")
+            pos = 0
+            while pos + 6 <= len(body):
+                length, _, control = struct.unpack_from(">IBB", body, pos)
+                data = body[pos + 6:pos + 4 + length]
+                pos += 4 + length
+                if control & 0x01:
+                    command += data
+                    if not control & 0x02:
+                        continue
+                    cmd = parse_command(command)
+                    command = bytearray()
+                    if _read_us(cmd, _COMMAND) != _C_FIND_RSP:
+                        raise PacsError(f"unexpected DIMSE command 0x{_read_us(cmd, _COMMAND):04X} during C-FIND")
+                    status = _read_us(cmd, _STATUS)
+                    if status not in (0xFF00, 0xFF01):
+                        final = status
+                        if _read_us(cmd, _DATASET_TYPE, _NO_DATASET) == _NO_DATASET:
+                            return self._found(final, found)
+                else:
+                    dataset += data
+                    if control & 0x02:
+                        if final is not None:
+                            return self._found(final, found)
+                        found.append(decode(BytesIO(bytes(dataset)), implicit, True))
+                        dataset = bytearray()
+
+    @staticmethod
+    def _found(status: int, found: list[Dataset]) -> list[Dataset]:
+        if status != 0x0000:
+            raise StatusFailed(status)
+        return found
+
     # ------------------------------------------------------------------ C-GET
     def get(self, get_class: str, identifier: Dataset, dest: Path, written: list[Path],
             writer: _FileWriter) -> int:
         """Send C-GET-RQ for ``identifier`` on the context of ``get_class`` (the first one), write each
         C-STORE sub-operation's dataset to ``dest`` and answer it; return the final status
-        (Success or Warning: a failure raises :class:`GetFailed`)."""
+        (Success or Warning: a failure raises :class:`StatusFailed`)."""
         ctx = 1
         if ctx not in self._syntax:
             raise PacsError(f"the PACS accepted no presentation context for {get_class} (C-GET)")
@@ -256,10 +319,9 @@ class GetAssociation:
         ident = encode(identifier, implicit, True)
         if ident is None:
             raise PacsError("the C-GET identifier could not be encoded")
-        self._send(_pdata(ctx, 0x03, command_set({
+        self._send_message(ctx, command_set({
             _AFFECTED_CLASS: _ui(get_class), _COMMAND: _us(_C_GET_RQ), _MSG_ID: _us(1),
-            _PRIORITY: _us(0), _DATASET_TYPE: _us(0x0000)})))
-        self._send(_pdata(ctx, 0x02, ident))
+            _PRIORITY: _us(0), _DATASET_TYPE: _us(0x0000)}), ident)
         command = bytearray()
         store: dict[int, bytes] | None = None   # the C-STORE-RQ whose dataset is arriving
         store_ctx = 0
@@ -310,10 +372,10 @@ class GetAssociation:
                 elif store is not None:   # dataset fragment of a C-STORE-RQ: to its file as it is
                     writer.write(data)
                     if control & 0x02:
-                        self._send(_pdata(store_ctx, 0x03, command_set({
+                        self._send_message(store_ctx, command_set({
                             _AFFECTED_CLASS: _ui(_read_ui(store, _AFFECTED_CLASS)), _COMMAND: _us(0x8001),
                             _RESPONDED_TO: store.get(_MSG_ID, _us(0)), _DATASET_TYPE: _us(_NO_DATASET),
-                            _STATUS: _us(0x0000), _AFFECTED_INSTANCE: _ui(_read_ui(store, _AFFECTED_INSTANCE))})))
+                            _STATUS: _us(0x0000), _AFFECTED_INSTANCE: _ui(_read_ui(store, _AFFECTED_INSTANCE))}))
                         store = None
                 else:
                     raise PacsError("a dataset fragment arrived with no command before it")
@@ -323,4 +385,4 @@ class GetAssociation:
         status = _read_us(cmd, _STATUS)
         if status == 0x0000 or (status & 0xF000) == 0xB000:
             return status
-        raise GetFailed(status, _read_us(cmd, _N_FAILED))
+        raise StatusFailed(status, _read_us(cmd, _N_FAILED))
