@@ -1,9 +1,10 @@
-"""DIMSE client (pynetdicom): C-FIND to query, C-GET (or C-MOVE to medpipe's own C-STORE SCP) to
-retrieve, C-STORE to send.
+"""DIMSE client: C-FIND to query and C-GET to retrieve on medpipe's own socket loop
+(:mod:`medpipe.pacs.dimse_get`), C-MOVE to medpipe's own C-STORE SCP and C-STORE to send with
+pynetdicom.
 
-Retrieval writes each instance to its own Part 10 file the moment it arrives
-(``event.encoded_dataset()``: the bytes as received, never decoded, in the transfer syntax the
-PACS sent), so a study never sits in memory. For C-GET medpipe offers the storage SOP classes of
+Retrieval writes each instance to its own Part 10 file as it arrives (the dataset bytes as
+received, never decoded, in the transfer syntax the PACS sent; C-GET streams them to the file PDU
+by PDU), so a study never sits in memory. For C-GET medpipe offers the storage SOP classes of
 images with the SCP role, each once per transfer syntax (uncompressed, JPEG, JPEG-LS, JPEG 2000,
 RLE), so that the PACS can send compressed instances as it holds them instead of transcoding.
 
