@@ -207,25 +207,28 @@ class Catalogue:
         self.rows[rel] = (key, "")  # only the key is needed from now on (save); free the text
         return record
 
-    def save(self, seen: dict[str, tuple[StatKey, Record]]) -> None:
-        """Make the catalogue hold exactly ``seen`` (relative path -> stat key and record), atomically.
-
-        Only keepable records are stored. Rows of unchanged files are not rewritten. Never raises:
-        a catalogue that cannot be written costs the next night time, not this night its results.
+    def save(self, present: list[str], fresh: dict[str, tuple[StatKey, Record]]) -> None:
+        """Make the catalogue hold the files ``present`` (relative paths): the rows it has of those
+        it returned from :meth:`lookup`, and ``fresh``, the records read this time (relative path
+        -> stat key and record). Atomic; rows of unchanged files are not rewritten; only keepable
+        records are stored. Never raises: a catalogue that cannot be written costs the next night
+        time, not this night its results.
         """
-        keep = {rel: (key, rec) for rel, (key, rec) in seen.items() if keepable(rec)}
+        keep = {rel: entry for rel, entry in fresh.items() if keepable(entry[1])}
         try:
             if self.valid:
-                self._update(keep)
+                self._update(present, fresh, keep)
             else:
                 self._rebuild(keep)
         except (sqlite3.Error, OSError) as exc:
             log.warning("discovery catalogue %s not written: %s", self.path, exc)
 
-    def _update(self, keep: dict[str, tuple[StatKey, Record]]) -> None:
-        gone = [(rel,) for rel in self.rows.keys() - keep.keys()]
-        changed = [(rel, *key, encode(rec)) for rel, (key, rec) in keep.items()
-                   if (row := self.rows.get(rel)) is None or row[0] != key]
+    def _update(self, present: list[str], fresh: dict[str, tuple[StatKey, Record]],
+                keep: dict[str, tuple[StatKey, Record]]) -> None:
+        # removed files, and files read again whose record is not kept (their old row is stale)
+        stale = (self.rows.keys() - set(present)) | (self.rows.keys() & (fresh.keys() - keep.keys()))
+        gone = [(rel,) for rel in stale]
+        changed = [(rel, *key, encode(rec)) for rel, (key, rec) in keep.items()]
         if not gone and not changed:
             return
         con = sqlite3.connect(self.path, isolation_level=None)
@@ -237,7 +240,7 @@ class Catalogue:
         finally:
             con.close()
         for (rel,) in gone:
-            del self.rows[rel]
+            self.rows.pop(rel, None)
         self.rows.update((rel, ((size, mtime, ino, ctime), text)) for rel, size, mtime, ino, ctime, text in changed)
         log.info("discovery catalogue %s: %d rows written, %d removed", self.path, len(changed), len(gone))
 

@@ -479,8 +479,8 @@ def _scan_with_catalogue(root: Path, cfg: IngestConfig, path: Path, walk_issues:
     todo = [i for i, rec in enumerate(records) if rec is None]
     for i, rec in zip(todo, _read_all([paths[i] for i in todo], cfg)):
         records[i] = rec
-    cat.save({p[len(prefix):]: (key, rec) for p, key, rec in zip(paths, keys, records)
-              if key is not None and rec is not None})
+    present = [p[len(prefix):] for p, key in zip(paths, keys) if key is not None]
+    cat.save(present, {paths[i][len(prefix):]: (keys[i], records[i]) for i in todo if keys[i] is not None})
     log.info("discovery catalogue: %d of %d files unchanged, %d headers read", len(paths) - len(todo),
              len(paths), len(todo))
     return paths, records, len(todo)  # type: ignore[return-value]  (every slot is filled)
