@@ -8,7 +8,8 @@ that memory does not grow with the series), then retrieves the large series to f
   the arrived SOPInstanceUIDs checked against the listing: the full completeness proof);
 * dicomweb-client: ``DICOMwebClient.iter_series`` writing each dataset with pydicom (the plain
   DICOMweb client alone);
-* medpipe C-GET: ``fetch_study`` over DIMSE (pynetdicom, each instance written as received);
+* medpipe C-GET: ``fetch_study`` over DIMSE (C-FIND listing and C-GET on medpipe's own socket
+  loop, :mod:`medpipe.pacs.dimse_get`: each dataset streamed to its file PDU by PDU);
 * getscu: dcmtk's ``getscu -od DIR`` (the plain DIMSE client).
 
 Each method runs in its own process (peak RSS is its own), ``--repeat`` times; the best run
