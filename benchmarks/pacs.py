@@ -2,7 +2,7 @@
 
 Starts Debian's Orthanc (tests/pacs/orthanc.py: loopback, temporary storage, DICOMweb plugin),
 loads one CT study (a series of ``--instances`` 512x512 slices, and a quarter-size series to show
-that memory does not grow with the series), then retrieves the large series to files with:
+that memory does not grow with the series, over both protocols), then retrieves the large series to files with:
 
 * medpipe WADO-RS: ``fetch_study`` over DICOMweb (multipart streamed part by part to files, then
   the arrived SOPInstanceUIDs checked against the listing: the full completeness proof);
@@ -230,6 +230,7 @@ def main() -> None:
             ("dicomweb-client", f"{srv.url}/dicom-web", big, len(files[0])),
             ("medpipe-cget", srv.dimse_url, big, len(files[0])),
             ("medpipe-wado (1/4 series)", srv.dicomweb_url, small, len(files[1])),
+            ("medpipe-cget (1/4 series)", srv.dimse_url, small, len(files[1])),
         ]
         rows: dict[str, dict[str, float]] = {}
         for rep in range(args.repeat):

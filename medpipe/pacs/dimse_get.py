@@ -1,13 +1,14 @@
-"""C-GET of a series over one plain socket, each instance streamed to its file as its PDUs arrive.
+"""C-FIND and C-GET over one plain socket, each retrieved instance streamed to its file as its PDUs arrive.
 
-pynetdicom runs every PDU through two reactor threads, queues and pydicom-decoded command sets;
-for a C-GET that is most of the time spent (a series arrives several times slower than with
-DCMTK's ``getscu`` from the same PACS). Here the data phase is a loop on the socket: P-DATA
-fragments of a dataset go to the open file as they come (memory holds at most one PDU, of at
-most :data:`MAX_PDU` bytes, and the chunks queued for the writer thread); the few command sets
-(C-STORE-RQ in, C-STORE-RSP and C-GET-RQ out) are read and written by hand in Implicit VR
-Little Endian. pynetdicom still encodes the A-ASSOCIATE-RQ (presentation contexts, SCP role
-selection) and decodes the answer.
+pynetdicom runs every PDU through two reactor threads, queues and pydicom-decoded command sets:
+for a C-GET that was most of the time spent (far behind DCMTK's ``getscu`` against the same
+PACS), and a C-FIND listing beside it took the cores from the retrieval. Here the data phase is
+a loop on the socket: P-DATA fragments of a dataset go to the open file as they come (memory
+holds at most one PDU, of at most :data:`MAX_PDU` bytes, and the chunks queued for the writer
+thread); the few command sets (C-STORE-RQ, C-GET-RSP and C-FIND-RSP in; C-STORE-RSP, C-GET-RQ
+and C-FIND-RQ out) are read and written by hand in Implicit VR Little Endian; identifiers are
+encoded and decoded by pydicom, and pynetdicom encodes the A-ASSOCIATE-RQ (presentation
+contexts, SCP role selection) and decodes the answer.
 
 Each file is ``<AffectedSOPInstanceUID>.dcm``: a Part 10 file meta group (written here) followed
 by the dataset bytes as received, never decoded, in the transfer syntax the PACS chose.
@@ -130,7 +131,8 @@ def _pdata(context_id: int, control: int, data: bytes) -> bytes:
 
 # --------------------------------------------------------------------------- the association
 class GetAssociation:
-    """One association, opened by :meth:`open`; :meth:`get` retrieves; :meth:`release` ends it.
+    """One association, opened by :meth:`open`; :meth:`find` queries, :meth:`get` retrieves (one
+    operation per association); :meth:`release` ends it, :meth:`abort` after an error.
 
     Errors: :class:`Rejected` (A-ASSOCIATE-RJ), :class:`TransientError` (connection refused, cut,
     aborted or timed out), :class:`StatusFailed` (a failed final status), :class:`PacsError`
@@ -169,7 +171,7 @@ class GetAssociation:
 
     def _send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
         """A command set (and its dataset) in P-DATA PDUs no larger than the peer accepts."""
-        room = (self._peer_max - 6 if self._peer_max else 1 << 20) - 6
+        room = max((self._peer_max if self._peer_max else 1 << 20) - 12, 64)
         for data, flag in ((command, 0x01), (dataset, 0x00)):
             if data is None:
                 continue
@@ -191,7 +193,14 @@ class GetAssociation:
             self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
         except OSError as exc:
             raise TransientError(f"no association (connection: {type(exc).__name__}: {exc})") from None
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._negotiate(contexts, roles)
+        except BaseException:
+            self.close()
+            raise
+
+    def _negotiate(self, contexts: Sequence[PresentationContext], roles: Sequence[Any]) -> None:
         for i, cx in enumerate(contexts):
             cx.context_id = 2 * i + 1
         rq = A_ASSOCIATE()
@@ -211,13 +220,10 @@ class GetAssociation:
         self._send(pdu.encode())
         kind, body = self._read_pdu()
         if kind == _RJ:
-            self.close()
             raise Rejected(body[1], body[2], body[3])
         if kind == _ABORT:
-            self.close()
             raise TransientError("association aborted by the PACS")
         if kind != _AC:
-            self.close()
             raise PacsError(f"unexpected PDU type 0x{kind:02X} in answer to A-ASSOCIATE-RQ")
         ac = A_ASSOCIATE_AC()
         ac.decode(struct.pack(">BBI", kind, 0, len(body)) + bytes(body))
