@@ -192,7 +192,7 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
             if pacs:
                 pacs_plan, plans = _plan_pacs(config, out, cfg, model, layout, run, record)
             else:
-                found = stages.discover.submit(archive, config).result()
+                found = stages.discover.submit(archive, config, out).result()
                 for issue in found["issues"]:
                     public, secret = redactor.issue(issue)
                     run["issues"].append(public)

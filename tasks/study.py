@@ -53,14 +53,20 @@ def library(module: str) -> Any:
 
 
 @task(name="discover", cache_policy=NO_CACHE, persist_result=False, retries=1)
-def discover(archive: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Scan the archive's headers on the cluster and plan one series per study."""
+def discover(archive: str, config: dict[str, Any], out: str | None = None) -> dict[str, Any]:
+    """Scan the archive's headers on the cluster and plan one series per study.
+
+    With ``out``, the archive's catalogue under ``OUT/private/catalogue/`` answers for every file
+    whose stat is unchanged since the last run; only new and changed files are read.
+    """
     ingest_ = library("medpipe.ingest")
     cfg = Config.model_validate(config)
+    catalogue = ingest_.catalogue_path(out, archive) if out else None
     with cluster_client():
-        scan = ingest_.scan_archive(Path(archive), cfg.ingest)
+        scan = ingest_.scan_archive(Path(archive), cfg.ingest, catalogue=catalogue)
     plans = ingest_.plan_studies(scan, cfg.ingest)
-    log.info("found %d studies, %d file problems in %s", len(plans), len(scan.issues), archive)
+    log.info("found %d studies, %d file problems in %s (%d of %d headers read)", len(plans), len(scan.issues),
+             archive, scan.n_read, scan.n_files)
     return {"plans": [p.to_dict() for p in plans], "issues": [i.to_dict() for i in scan.issues]}
 
 
