@@ -214,13 +214,13 @@ class Catalogue:
         records are stored. Never raises: a catalogue that cannot be written costs the next night
         time, not this night its results.
         """
-        keep = {rel: entry for rel, entry in fresh.items() if keepable(entry[1])}
+        keep = {rel: entry for rel, entry in fresh.items() if keepable(entry[1]) and _storable(rel)}
         try:
             if self.valid:
                 self._update(present, fresh, keep)
             else:
                 self._rebuild(keep)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, ValueError) as exc:  # ValueError: an archive path SQLite cannot hold
             log.warning("discovery catalogue %s not written: %s", self.path, exc)
 
     def _update(self, present: list[str], fresh: dict[str, tuple[StatKey, Record]],
@@ -274,6 +274,16 @@ class Catalogue:
         self.valid = True
         self.rows = {rel: ((size, mtime, ino, ctime), text) for rel, size, mtime, ino, ctime, text in rows}
         log.info("discovery catalogue %s: built with %d rows", self.path, len(rows))
+
+
+def _storable(rel: str) -> bool:
+    """Whether SQLite can hold the name: a name that is not UTF-8 (kept by ``os.fsdecode`` as
+    surrogate escapes) is not stored, so that file's header is read every night."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read(path: Path, root: str, fingerprint: str) -> dict[str, Row]:

@@ -168,3 +168,15 @@ def test_relative_root_and_unreadable_file(tmp_path, cfg, monkeypatch):
         os.chmod(locked, 0o644)
     scan = _same(".", cat, cfg)  # an access problem is not kept: readable again, read again
     assert not any(i.reason.startswith("cannot open file") for i in scan.issues)
+
+
+def test_names_that_are_not_utf8(tmp_path, cfg):
+    """A file whose name is not UTF-8 is read every night (SQLite cannot hold its name); the
+    others are remembered, and planning is the same as without a catalogue."""
+    root = _archive(tmp_path / "archive", n_studies=2)
+    odd = os.fsdecode(bytes(tmp_path / "archive" / "s0") + b"/b\xff\x01.dcm")
+    shutil.copy(_files(root / "s0")[0], odd)
+    cat = catalogue_path(tmp_path / "out", root)
+    _same(root, cat, cfg)
+    again = _same(root, cat, cfg)
+    assert again.n_read == 1
