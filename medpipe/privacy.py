@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,19 +43,40 @@ def private_dir(out: str | Path) -> Path:
 
 def load_key(out: str | Path) -> bytes:
     """The output folder's path key, made (random, 32 bytes, mode 0600) on first use."""
-    path = private_dir(out) / KEY_FILE
+    return private_key(out, KEY_FILE)
+
+
+def private_key(out: str | Path, name: str) -> bytes:
+    """The key ``OUT/private/<name>``, made (random, 32 bytes, mode 0600) on first use.
+
+    Several workers may need it at once on a first run: the first link wins and every process
+    uses that key (tokens or UIDs made with two keys could not be linked to each other).
+    """
+    path = private_dir(out) / name
+    key = _read_key(path)
+    if len(key) >= 16:
+        return key
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path.parent)  # 0600
     try:
-        key = bytes.fromhex(path.read_text().strip())
-        if len(key) >= 16:
-            return key
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_bytes(32).hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another process made it first; a broken one is replaced
+            if len(_read_key(path)) < 16:
+                os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        return bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError):
-        pass
-    key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
-    os.chmod(path, 0o600)
-    return key
+        return b""
 
 
 def printable(path: str) -> str:

@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import pydicom
 
-from ..privacy import private_dir
+from ..privacy import private_key
 
 UID_KEY_FILE = "uid-key"
 Identity = Literal["source", "deidentified"]
@@ -78,33 +75,7 @@ def remap_uid(uid: str, key: bytes) -> str:
 
 def load_uid_key(out: str | Path) -> bytes:
     """The output folder's UID key ``OUT/private/uid-key``, made (random, 32 bytes, 0600) on first use."""
-    path = private_dir(out) / UID_KEY_FILE
-    key = _read_key(path)
-    if len(key) >= 16:
-        return key
-    # Several workers may need the key at once on a first run: the first link wins and every
-    # process uses that key (files remapped with two keys could not be linked to each other).
-    fd, tmp = tempfile.mkstemp(prefix=f".{UID_KEY_FILE}.", dir=path.parent)  # 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_bytes(32).hex() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:  # another process made it first; a broken one is replaced
-            if len(_read_key(path)) < 16:
-                os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return _read_key(path)
-
-
-def _read_key(path: Path) -> bytes:
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError):
-        return b""
+    return private_key(out, UID_KEY_FILE)
 
 
 def remap_uids(ds: pydicom.Dataset, key: bytes) -> pydicom.Dataset:
