@@ -291,9 +291,8 @@ class DimseClient:
             written: list[Path] = []
             try:
                 with self._link(what, contexts, roles) as link:
-                    with _FileWriter() as writer:   # the next PDU is read while this one is written
-                        status = link.get(StudyRootQueryRetrieveInformationModelGet,
-                                          self._series_identifier(study_uid, series_uid), dest, written, writer)
+                    status = link.get(StudyRootQueryRetrieveInformationModelGet,
+                                      self._series_identifier(study_uid, series_uid), dest, written)
             except StatusFailed as exc:
                 for p in written:
                     p.unlink(missing_ok=True)

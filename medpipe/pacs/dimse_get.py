@@ -4,11 +4,11 @@ pynetdicom runs every PDU through two reactor threads, queues and pydicom-decode
 for a C-GET that was most of the time spent (far behind DCMTK's ``getscu`` against the same
 PACS), and a C-FIND listing beside it took the cores from the retrieval. Here the data phase is
 a loop on the socket: P-DATA fragments of a dataset go to the open file as they come (memory
-holds at most one PDU, of at most :data:`MAX_PDU` bytes, and the chunks queued for the writer
-thread); the few command sets (C-STORE-RQ, C-GET-RSP and C-FIND-RSP in; C-STORE-RSP, C-GET-RQ
-and C-FIND-RQ out) are read and written by hand in Implicit VR Little Endian; identifiers are
-encoded and decoded by pydicom, and pynetdicom encodes the A-ASSOCIATE-RQ (presentation
-contexts, SCP role selection) and decodes the answer.
+holds at most one PDU, of at most :data:`MAX_PDU` bytes); the few command sets (C-STORE-RQ,
+C-GET-RSP and C-FIND-RSP in; C-STORE-RSP, C-GET-RQ and C-FIND-RQ out) are read and written by
+hand in Implicit VR Little Endian; identifiers are encoded and decoded by pydicom, and
+pynetdicom encodes the A-ASSOCIATE-RQ (presentation contexts, SCP role selection) and decodes
+the answer.
 
 Each file is ``<AffectedSOPInstanceUID>.dcm``: a Part 10 file meta group (written here) followed
 by the dataset bytes as received, never decoded, in the transfer syntax the PACS chose.
@@ -21,7 +21,7 @@ import struct
 from io import BytesIO
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import Dataset
 from pydicom.uid import ImplicitVRLittleEndian, UID
@@ -37,7 +37,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from .client import PacsError, TransientError
-from .dicomweb import _FileWriter, instance_file_name
+from .dicomweb import instance_file_name
 
 #: The largest PDU medpipe accepts (what one socket read may hold in memory).
 MAX_PDU = 1 << 20
@@ -127,6 +127,27 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
 def _pdata(context_id: int, control: int, data: bytes) -> bytes:
     """One P-DATA-TF PDU holding one PDV (control: bit 0 command, bit 1 last fragment)."""
     return struct.pack(">BBIIBB", _PDATA, 0, len(data) + 6, len(data) + 2, context_id, control) + data
+
+
+class _OneFile:
+    """The file being received, written on the reading thread: a write into the page cache costs
+    less than handing each PDU to a writer thread."""
+
+    def __init__(self) -> None:
+        self._fh: BinaryIO | None = None
+
+    def open(self, path: Path) -> None:
+        self.close()
+        self._fh = open(path, "wb")
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._fh is not None
+        self._fh.write(data)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 # --------------------------------------------------------------------------- the association
@@ -313,11 +334,17 @@ class GetAssociation:
         return found
 
     # ------------------------------------------------------------------ C-GET
-    def get(self, get_class: str, identifier: Dataset, dest: Path, written: list[Path],
-            writer: _FileWriter) -> int:
+    def get(self, get_class: str, identifier: Dataset, dest: Path, written: list[Path]) -> int:
         """Send C-GET-RQ for ``identifier`` on the context of ``get_class`` (the first one), write each
-        C-STORE sub-operation's dataset to ``dest`` and answer it; return the final status
-        (Success or Warning: a failure raises :class:`StatusFailed`)."""
+        C-STORE sub-operation's dataset to ``dest`` (its path appended to ``written`` first) and
+        answer it; return the final status (Success or Warning: a failure raises :class:`StatusFailed`)."""
+        writer = _OneFile()
+        try:
+            return self._get(get_class, identifier, dest, written, writer)
+        finally:
+            writer.close()
+
+    def _get(self, get_class: str, identifier: Dataset, dest: Path, written: list[Path], writer: _OneFile) -> int:
         ctx = 1
         if ctx not in self._syntax:
             raise PacsError(f"the PACS accepted no presentation context for {get_class} (C-GET)")
