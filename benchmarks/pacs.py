@@ -216,7 +216,7 @@ def main() -> None:
 
     if missing_reason():
         sys.exit(f"cannot run: {missing_reason()}")
-    getscu = shutil.which("getscu")
+    getscu = _dcmtk_getscu()
     work = Path(tempfile.mkdtemp(prefix="medpipe-bench-pacs-"))
     srv = OrthancServer(work / "orthanc", stable_age_s=1)
     try:
@@ -279,6 +279,17 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "ratios": ratios, "args": vars(args) | {"json": None}},
                                         indent=2, default=str))
+
+
+def _dcmtk_getscu() -> str | None:
+    """DCMTK's getscu on PATH, passing over pynetdicom's script of the same name (in an activated venv)."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = shutil.which("getscu", path=folder)
+        if path:
+            with open(path, "rb") as fh:
+                if fh.read(2) != b"#!":
+                    return path
+    return None
 
 
 def _keep_best(rows: dict[str, dict[str, float]], name: str, sec: float, rss: float, n: int, mb: float) -> None:

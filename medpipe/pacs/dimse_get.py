@@ -47,7 +47,7 @@ _RQ, _AC, _RJ, _PDATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x01, 0x02, 0x03, 0x04
 _AFFECTED_CLASS, _COMMAND, _MSG_ID, _RESPONDED_TO = 0x0002, 0x0100, 0x0110, 0x0120
 _PRIORITY, _DATASET_TYPE, _STATUS, _AFFECTED_INSTANCE = 0x0700, 0x0800, 0x0900, 0x1000
 _N_FAILED = 0x1022
-_C_STORE_RQ, _C_GET_RQ, _C_GET_RSP, _C_FIND_RQ, _C_FIND_RSP = 0x0001, 0x0010, 0x8010, 0x0020, 0x8020
+_C_STORE_RQ, _C_STORE_RSP, _C_GET_RQ, _C_GET_RSP, _C_FIND_RQ, _C_FIND_RSP = 0x0001, 0x8001, 0x0010, 0x8010, 0x0020, 0x8020
 _NO_DATASET = 0x0101
 
 
@@ -406,7 +406,7 @@ class GetAssociation:
                     writer.write(data)
                     if control & 0x02:
                         self._send_message(store_ctx, command_set({
-                            _AFFECTED_CLASS: _ui(_read_ui(store, _AFFECTED_CLASS)), _COMMAND: _us(0x8001),
+                            _AFFECTED_CLASS: _ui(_read_ui(store, _AFFECTED_CLASS)), _COMMAND: _us(_C_STORE_RSP),
                             _RESPONDED_TO: store.get(_MSG_ID, _us(0)), _DATASET_TYPE: _us(_NO_DATASET),
                             _STATUS: _us(0x0000), _AFFECTED_INSTANCE: _ui(_read_ui(store, _AFFECTED_INSTANCE))}))
                         store = None
