@@ -369,9 +369,10 @@ def match_sources(sources: list[pydicom.Dataset], affine: np.ndarray, shape: tup
 
 
 def _encode(ds: pydicom.Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    """The file's bytes, as pydicom writes them (:mod:`.encoding` repeats items' elements once)."""
+    from .encoding import encode_dataset
+
+    return encode_dataset(ds)
 
 
 def seg_frames(labels: np.ndarray, match: SourceFrames) -> np.ndarray:
