@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "ingest"))
 import hostile_files  # noqa: E402
 
 pytestmark = pytest.mark.slow
-PATIENT_FOLDER = "Doe^Jane_4711"
+PATIENT_FOLDER = "Doe^Jane_MRN4711X"  # no secret made of digits alone: UIDs are digits
 
 
 def test_a_hostile_archive_is_named_file_by_file_and_good_studies_are_done(medpipe_run, tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ def test_a_hostile_archive_is_named_file_by_file_and_good_studies_are_done(medpi
     for f in out.rglob("*"):
         if f.is_file() and "private" not in f.relative_to(out).parts:
             data = f.read_bytes()
-            for secret in (b"Doe^Jane", b"4711", b"hostile/"):
+            for secret in (b"Doe^Jane", b"MRN4711X", b"hostile/"):
                 assert secret not in data, f"{secret!r} in {f.relative_to(out)}"
     assert "Doe" not in (out / "run.html").read_text()
 
