@@ -128,6 +128,19 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dask-address", help="tcp://HOST:PORT of an existing Dask scheduler")
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted, not to the stream
+    it was when the handler was made (a progress display or a test may replace and close that)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001 (StreamHandler.__init__ sets it)
+        pass
+
+
 def _quiet(verbose: bool) -> None:
     """Keep the terminal to progress and results unless --verbose (workers inherit this)."""
     level = "INFO" if verbose else "WARNING"
@@ -135,9 +148,11 @@ def _quiet(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", level.lower())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     ours = logging.getLogger("medpipe")
+    for old in [h for h in ours.handlers if isinstance(h, _CurrentStderr)]:
+        ours.removeHandler(old)  # main() called again in one process: one handler, not one per call
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     ours.addHandler(handler)
     ours.setLevel(logging.INFO if verbose else logging.WARNING)
     ours.propagate = False
