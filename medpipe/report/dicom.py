@@ -679,28 +679,27 @@ def make_objects(study_dir: Path, record: dict[str, Any], source_files: list[str
     if reason is not None:
         made.reasons["seg"] = reason
 
-    reason = _not_attempted(record, disabled.get("sr"), sources, source_files)
-    if reason is None:
-        try:
-            made.datasets["sr"] = build_sr(ordered, seg, seg_number, record, uid_for=uid_for)
-        except Exception as exc:
-            log.warning("SR of study %s not made: %s", key, exc, exc_info=True)
-            reason = f"{type(exc).__name__}: {exc}"
-            made.problems.append(f"DICOM SR not written: {exc}")
-    if reason is not None:
-        made.reasons["sr"] = reason
-
-    reason = _not_attempted(record, disabled.get("report"), sources, source_files)
-    if reason is None:
-        try:
-            made.datasets["report"] = build_report_image(study_dir, record, ordered[0], uid_for=uid_for)
-        except Exception as exc:
-            log.warning("report image of study %s not made: %s", key, exc, exc_info=True)
-            reason = f"{type(exc).__name__}: {exc}"
-            made.problems.append(f"DICOM report image not written: {exc}")
-    if reason is not None:
-        made.reasons["report"] = reason
+    _make_one(made, "sr", "SR", key, _not_attempted(record, disabled.get("sr"), sources, source_files),
+              lambda: build_sr(ordered, seg, seg_number, record, uid_for=uid_for))
+    _make_one(made, "report", "report image", key,
+              _not_attempted(record, disabled.get("report"), sources, source_files),
+              lambda: build_report_image(study_dir, record, ordered[0], uid_for=uid_for))
     return made
+
+
+def _make_one(made: "MadeObjects", kind: str, label: str, key: str, reason: str | None,
+              build: Callable[[], pydicom.Dataset]) -> None:
+    """Build one derived object into ``made`` unless ``reason`` says why not; a failure is a
+    warning and the object's reason, never the study's failure."""
+    if reason is None:
+        try:
+            made.datasets[kind] = build()
+        except Exception as exc:
+            log.warning("%s of study %s not made: %s", label, key, exc, exc_info=True)
+            reason = f"{type(exc).__name__}: {exc}"
+            made.problems.append(f"DICOM {label} not written: {exc}")
+    if reason is not None:
+        made.reasons[kind] = reason
 
 
 def output_root(study_dir: Path) -> Path:
