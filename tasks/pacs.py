@@ -5,17 +5,15 @@ Credentials are resolved here, not in the library, because a Prefect Secret bloc
 resolved where they are used (the flow process plans and delivers; each study task fetches on
 its Dask worker) and never travel as a task parameter, so Prefect never records them.
 
-Exit statuses (docs/cli.md): :func:`failure_message` tells the CLI which failures are usage
-errors (exit 2: no watermark and no ``--since``) and words the others (exit 3: credentials
-refused, PACS unavailable) without any secret in them.
+What the PACS side does lives in :mod:`medpipe.pacs` (planning, retrieval and the plan of the
+retrieved files, sending, the checks and messages the CLI uses); this module resolves the
+credentials, opens the clients and logs. Names the flows and the CLI import from here
+(:func:`watermark_problem`, :func:`failure_message`, :func:`cache_root`, ...) are the library's.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,30 +23,29 @@ from prefect.cache_policies import NO_CACHE
 
 from medpipe.config import Config
 from medpipe.errors import ConfigError
+from medpipe.pacs.client import failure_message
+from medpipe.pacs.inputs import InputsOnly, is_own_series
+from medpipe.pacs.plan import format_pacs_plan, no_watermark_text, watermark_problem
 
 log = logging.getLogger("medpipe")
 
+__all__ = [
+    "InputsOnly", "PacsFetch", "cache_root", "credentials", "deliver_outboxes", "enqueue_results",
+    "failure_message", "format_pacs_plan", "is_own_series", "no_watermark_text", "open_source", "plan",
+    "plan_source", "secret_block_value", "watermark_problem",
+]
+
 
 # --------------------------------------------------------------------------- credentials
-def secret_block_value(name: str) -> str:
-    """The value of the Prefect Secret block ``name`` as medpipe's credentials string.
-
-    A block may hold ``user:password`` (basic), the token (bearer), or JSON:
-    ``{"username": ..., "password": ...}`` or ``{"token": ...}``.
-    """
+def secret_block_value(name: str) -> Any:
+    """The value of the Prefect Secret block ``name``: a string, or the JSON it holds
+    (:func:`medpipe.pacs.auth.secret_text` reads both)."""
     from prefect.blocks.system import Secret
 
     try:
-        value = Secret.load(name).get()
+        return Secret.load(name).get()
     except ValueError as exc:  # Prefect's "Unable to find block document named ..."
         raise ConfigError(f"pacs.auth.secret_block {name!r}: no such Prefect Secret block ({exc})") from None
-    if isinstance(value, dict):
-        if "token" in value:
-            return str(value["token"])
-        if "username" in value and "password" in value:
-            return f"{value['username']}:{value['password']}"
-        raise ConfigError(f"Secret block {name!r}: a JSON value needs 'username' and 'password', or 'token'")
-    return str(value)
 
 
 def credentials(cfg: Config) -> Any:
@@ -60,100 +57,24 @@ def credentials(cfg: Config) -> Any:
     return resolve_credentials(auth, secret=secret)
 
 
-def open_source(cfg: Config, url: str | None = None) -> Any:
+def open_source(cfg: Config, url: str | None = None) -> InputsOnly:
     """A client of ``url`` (default: the configured source) with the configured credentials, which
-    does not show the series medpipe itself sent into a study (:class:`InputsOnly`)."""
+    does not show the series medpipe itself sent into a study (:class:`~medpipe.pacs.inputs.InputsOnly`;
+    ``with`` closes it)."""
     from medpipe.pacs import open_client
 
     return InputsOnly(open_client(url or cfg.source.url, cfg.pacs, credentials(cfg)))
 
 
-def is_own_series(series: Any) -> bool:
-    """Whether a series of the PACS is one medpipe sent (SEG, SR, the report image): a result, not
-    an input. Counting it would change the study's fingerprint, so the study would be redone and
-    its results sent again every night."""
-    from medpipe.report.dicom import SERIES_NUMBERS
-
-    made = series.number in SERIES_NUMBERS.values() and (series.modality or "").upper() in ("SEG", "SR", "OT", "SC")
-    return made or (series.description or "").lower().startswith("medpipe")
-
-
-class InputsOnly:
-    """A :class:`~medpipe.pacs.PacsClient` whose ``find_series`` leaves out :func:`is_own_series`
-    (everything else is the wrapped client's)."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-    def find_series(self, study_uid: str) -> list[Any]:
-        return [s for s in self._client.find_series(study_uid) if not is_own_series(s)]
-
-    def __enter__(self) -> "InputsOnly":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.close()
-
-
-# --------------------------------------------------------------------------- checks and messages
-def watermark_problem(cfg: Config, out: str | Path) -> str | None:
-    """Why a run of the configured PACS source into ``out`` must be refused before it starts
-    (a first run with no watermark and no ``since``), or None. Reads only."""
-    if cfg.source.since is not None or not cfg.source.url:
-        return None
-    from medpipe.pacs import PacsAddress
-    from medpipe.pacs.state import load_state
-
-    if load_state(Path(out), PacsAddress.parse(cfg.source.url)).watermark is None:
-        return no_watermark_text(cfg.source.url, out)
-    return None
-
-
-def no_watermark_text(url: str, out: str | Path) -> str:
-    from medpipe.pacs import PacsAddress
-
-    return (f"{PacsAddress.parse(url).redacted()}: no watermark in {out} yet (a first run); give --since "
-            "YYYY-MM-DD (or source.since) to say where to start instead of pulling the whole PACS")
-
-
-def failure_message(exc: BaseException) -> tuple[bool, str]:
-    """``(usage_error, text)`` of an exception that ended a run or a plan (no secret in the text)."""
-    from medpipe.pacs import NoWatermark, PacsAuthError, PacsUnavailable
-
-    if isinstance(exc, NoWatermark):
-        return True, str(exc)
-    if isinstance(exc, PacsAuthError):
-        return False, (f"the PACS refused medpipe's credentials: {exc} (check pacs.auth: the environment "
-                       "variables or Secret block it names)")
-    if isinstance(exc, PacsUnavailable):
-        return False, f"the PACS cannot be reached: {exc}"
-    if isinstance(exc, ConfigError):
-        return True, str(exc)
-    return False, f"run failed: {type(exc).__name__}: {exc}"
-
-
-# --------------------------------------------------------------------------- plan
+# --------------------------------------------------------------------------- plan (in the flow)
 def plan_source(cfg: Config, out: str | Path | None,
                 is_done: Callable[[str, str], bool] | None = None) -> Any:
     """Query the configured PACS for the studies of this run's window (retrieves nothing, writes
     nothing): a :class:`medpipe.pacs.plan.PacsPlan`. Without ``out`` only ``since`` can start it."""
     from medpipe.pacs.plan import plan_pacs
 
-    with _closing(open_source(cfg)) as client:
-        if out is not None:
-            return plan_pacs(client, cfg, Path(out), is_done=is_done)
-        with tempfile.TemporaryDirectory(prefix="medpipe-plan-") as empty:  # no state: since decides
-            return plan_pacs(client, cfg, Path(empty), is_done=is_done)
-
-
-def format_pacs_plan(plan: Any) -> str:
-    """What ``medpipe plan`` prints for a PACS: the window, each study to fetch, each left for later."""
-    from medpipe.pacs.plan import format_pacs_plan as text
-
-    return text(plan)
+    with open_source(cfg) as client:
+        return plan_pacs(client, cfg, None if out is None else Path(out), is_done=is_done)
 
 
 @task(name="plan-pacs", cache_policy=NO_CACHE, persist_result=False, retries=0)
@@ -174,29 +95,21 @@ def _redacted(url: str | None) -> str:
     return PacsAddress.parse(url).redacted() if url else "–"
 
 
-class _closing:
-    """``with _closing(client)``: close the client however the block ends."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def __enter__(self) -> Any:
-        return self.client
-
-    def __exit__(self, *exc: object) -> None:
-        close = getattr(self.client, "close", None)
-        if close is not None:
-            close()
-
-
 # --------------------------------------------------------------------------- fetch (on the workers)
+def cache_root(cfg: Config, out: str | Path) -> Path:
+    """Where studies are retrieved (:func:`medpipe.pacs.retrieve.cache_root`)."""
+    from medpipe.pacs.retrieve import cache_root as root
+
+    return root(cfg, out)
+
+
 class PacsFetch:
     """The ``fetch`` seam of :func:`medpipe.study.process_study` for a study planned from a PACS.
 
-    Retrieves the study's planned series (``plan["source"]``) into ``cache/<study-key>/``
-    (:func:`medpipe.pacs.retrieve.fetch_study`: counts proven, :class:`~medpipe.pacs.IncompleteStudy`
-    when short or still growing, which defers the study), then scans and plans that folder as
-    discovery does for an archive folder. The folder stays until :meth:`cleanup` (the objects for
+    Opens the source with the credentials and calls :func:`medpipe.pacs.retrieve.fetch_and_plan`:
+    the study's planned series (``plan["source"]``) retrieved into ``cache/<study-key>/``, counts
+    proven (:class:`~medpipe.pacs.IncompleteStudy` defers the study), and that folder planned as
+    discovery plans an archive folder. The folder stays until :meth:`cleanup` (the objects for
     the destinations are written from it after the study is published). Picklable and free of
     secrets: credentials are resolved when it runs, on the worker.
     """
@@ -206,61 +119,34 @@ class PacsFetch:
         self.fetched: Any = None  # the StudyPlan of the retrieved files, once fetched
 
     def __call__(self, plan: Any, folder: Path) -> Any:
-        from medpipe.ingest import plan_studies, scan_archive
-        from medpipe.pacs.retrieve import fetch_study
+        from medpipe.pacs.retrieve import fetch_and_plan
 
         cfg = Config.model_validate(self.config)
-        with _closing(open_source(cfg, self.source.get("address"))) as client:
-            root = fetch_study(self.source, self.cache, client, max_bytes=int(cfg.source.cache_max_gb * 1e9))
-        scan = scan_archive(Path(root), cfg.ingest)
-        found = [p for p in plan_studies(scan, cfg.ingest) if p.study_key == plan.study_key]
-        if not found or not found[0].files:
-            from medpipe.errors import StudyError
-
-            why = found[0].skip_reason if found else "no series of this study"
-            raise StudyError(plan.study_key, f"the retrieved files hold nothing to process: {why}")
-        got = found[0]
-        # The study's identity for skipping and for the sent objects' UIDs is what the PACS
-        # listed (series and instances), not the cache's paths and times.
-        got.fingerprint = plan.fingerprint or got.fingerprint
-        self.fetched = got
-        return got
+        with open_source(cfg, self.source.get("address")) as client:
+            self.fetched = fetch_and_plan(plan, self.source, self.cache, client, cfg)
+        log.debug("study %s: %d file(s) retrieved to ingest", plan.study_key, len(self.fetched.files))
+        return self.fetched
 
     @property
     def folder(self) -> Path:
-        return self.cache / str(self.source.get("study_key"))
+        from medpipe.pacs.retrieve import study_folder
+
+        return study_folder(self.cache, self.source)
 
     def cleanup(self) -> None:
         """Remove the study's retrieved files (identifying; the published study no longer needs them)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        from medpipe.pacs.retrieve import drop_study
 
-
-def cache_root(cfg: Config, out: str | Path) -> Path:
-    """Where studies are retrieved: ``source.cache_dir``, else ``OUT/.work/pacs-cache`` (one
-    folder per study, removed when the study is done; ``source.cache_max_gb`` bounds it)."""
-    return Path(cfg.source.cache_dir) if cfg.source.cache_dir else Path(out) / ".work" / "pacs-cache"
+        drop_study(self.cache, self.source)
 
 
 def enqueue_results(entry: Any, source_files: list[str], cfg: Config, out: str | Path, fingerprint: str,
                     send_dir: Path) -> list[str]:
-    """Write the identified objects of a study processed in this run (from its published folder
-    and its source files) and put them into each destination's outbox
-    (:func:`medpipe.pacs.send.enqueue_study`). Returns the problems met making them; nothing is
-    done for a study that is not ``ok``, or when no destination is configured."""
-    from medpipe.pacs.send import enqueue_study
-    from medpipe.report.dicom import write_send_objects
+    """Make a processed study's objects and put them into each destination's outbox
+    (:func:`medpipe.pacs.send.enqueue_results`); return the problems met."""
+    from medpipe.pacs.send import enqueue_results as enqueue
 
-    if not cfg.send.destinations or entry.status != "ok" or not source_files:
-        return []
-    study_dir = Path(out) / "studies" / entry.study_key
-    record = json.loads((study_dir / "report.json").read_text())
-    try:
-        made = write_send_objects(study_dir, record, cfg, source_files, send_dir)
-        if made.files:
-            enqueue_study(out, cfg, entry.study_key, fingerprint, made.files)
-    finally:
-        shutil.rmtree(send_dir, ignore_errors=True)  # identifying: the outbox holds the copies
-    return [*made.problems, *(f"{k} not sent: {v}" for k, v in made.reasons.items() if k in cfg.send.objects)]
+    return enqueue(entry, source_files, cfg, out, fingerprint, send_dir)
 
 
 # --------------------------------------------------------------------------- outboxes (in the flow)

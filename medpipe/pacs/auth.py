@@ -16,7 +16,7 @@ import base64
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import PacsAuthConfig
 from ..errors import ConfigError
@@ -63,12 +63,33 @@ class Credentials:
 NO_CREDENTIALS = Credentials()
 
 
+def secret_text(value: str | Mapping[str, Any], block: str | None = None) -> str:
+    """The credentials string (``user:password``, or the token) of a secret's value.
+
+    A Prefect Secret block holds a string, or JSON: ``{"username": ..., "password": ...}`` or
+    ``{"token": ...}``. ``block`` names the secret in errors.
+
+    >>> secret_text({"username": "alice", "password": "s3cret"})
+    'alice:s3cret'
+    >>> secret_text({"token": "abc"}), secret_text("bob:pw")
+    ('abc', 'bob:pw')
+    """
+    if isinstance(value, Mapping):
+        if "token" in value:
+            return str(value["token"])
+        if "username" in value and "password" in value:
+            return f"{value['username']}:{value['password']}"
+        raise ConfigError(f"Secret block {block!r}: a JSON value needs 'username' and 'password', or 'token'")
+    return str(value)
+
+
 def resolve_credentials(auth: PacsAuthConfig, env: Mapping[str, str] | None = None,
-                        secret: str | None = None) -> Credentials:
+                        secret: str | Mapping[str, Any] | None = None) -> Credentials:
     """Read the secrets ``auth`` names.
 
     ``secret`` is the value of ``auth.secret_block`` when the task layer resolved it (Prefect
-    Secret block): ``user:password`` for basic, the token for bearer. Otherwise the environment
+    Secret block): ``user:password`` for basic, the token for bearer, or the JSON forms
+    :func:`secret_text` reads. Otherwise the environment
     variables named by ``auth`` are read. A missing one is a :class:`~medpipe.errors.ConfigError`
     naming the variable (never its value).
 
@@ -79,6 +100,7 @@ def resolve_credentials(auth: PacsAuthConfig, env: Mapping[str, str] | None = No
     if auth.kind == "none":
         return NO_CREDENTIALS
     if secret is not None:
+        secret = secret_text(secret, auth.secret_block)
         if auth.kind == "bearer":
             return Credentials(kind="bearer", token=secret.strip())
         user, sep, password = secret.partition(":")

@@ -61,6 +61,29 @@ class TransientError(PacsError):
     """One failed attempt that a retry may cure (5xx, timeout, refused connection or association)."""
 
 
+def failure_message(exc: BaseException) -> tuple[bool, str]:
+    """``(usage_error, text)`` for an exception that ended a run or a plan: whether it is the
+    user's to fix (exit 2: no watermark and no ``since``, a bad configuration) rather than a
+    failure (exit 3: credentials refused, PACS unavailable, anything else), and the words for it.
+    PACS errors never hold a secret, so neither does the text.
+
+    >>> failure_message(PacsUnavailable("dimse://ORTHANC@pacs:4242: association refused"))
+    (False, 'the PACS cannot be reached: dimse://ORTHANC@pacs:4242: association refused')
+    >>> failure_message(ConfigError("source.since: not a date"))
+    (True, 'source.since: not a date')
+    """
+    if isinstance(exc, NoWatermark):
+        return True, str(exc)
+    if isinstance(exc, PacsAuthError):
+        return False, (f"the PACS refused medpipe's credentials: {exc} (check pacs.auth: the environment "
+                       "variables or Secret block it names)")
+    if isinstance(exc, PacsUnavailable):
+        return False, f"the PACS cannot be reached: {exc}"
+    if isinstance(exc, ConfigError):
+        return True, str(exc)
+    return False, f"run failed: {type(exc).__name__}: {exc}"
+
+
 # --------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class StudyQuery:

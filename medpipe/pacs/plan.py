@@ -77,19 +77,44 @@ def _study_dt(s: RemoteStudy) -> datetime | None:
     return d
 
 
-def window_of(state: SourceState, cfg: Config, address: PacsAddress, out: Path,
+def window_of(state: SourceState, cfg: Config, address: PacsAddress, out: Path | None,
               now: datetime) -> tuple[datetime, datetime, str]:
-    """The (start, end, how) of this run's window; raises NoWatermark on a first run without ``since``."""
+    """The (start, end, how) of this run's window; raises NoWatermark on a first run without ``since``
+    (``out`` None: no stored state, so only ``since`` can start it)."""
     src = cfg.source
     end = datetime.combine(src.until, time.max) if src.until else now
     if src.since:
         return datetime.combine(src.since, time.min), end, "since"
     if state.watermark is None:
+        where = f"{state_dir(out, address) / 'state.json'} does not exist" if out is not None else "no --out given"
         raise NoWatermark(
-            f"{address.redacted()}: no watermark yet ({state_dir(out, address) / 'state.json'} does not exist) "
+            f"{address.redacted()}: no watermark yet ({where}) "
             "and no --since: a first run against a PACS needs --since YYYY-MM-DD (or source.since), "
             "so that it does not pull the whole archive")
     return state.watermark - timedelta(hours=src.overlap_hours), end, "watermark - overlap"
+
+
+def watermark_problem(cfg: Config, out: str | Path) -> str | None:
+    """Why a run of the configured PACS source into ``out`` must be refused before it starts
+    (a first run with no watermark and no ``since``), or None. Reads only.
+
+    >>> watermark_problem(Config.model_validate({"source": {"since": "2026-11-01"}}), "/nonexistent")
+    """
+    if cfg.source.since is not None or not cfg.source.url:
+        return None
+    if load_state(Path(out), PacsAddress.parse(cfg.source.url)).watermark is None:
+        return no_watermark_text(cfg.source.url, out)
+    return None
+
+
+def no_watermark_text(url: str, out: str | Path) -> str:
+    """The refusal of a first run from ``url`` into ``out`` (no watermark there), without any secret.
+
+    >>> no_watermark_text("dimse://ORTHANC@pacs:4242", "/out")[:60]
+    'dimse://ORTHANC@pacs:4242: no watermark in /out yet (a first'
+    """
+    return (f"{PacsAddress.parse(url).redacted()}: no watermark in {out} yet (a first run); give --since "
+            "YYYY-MM-DD (or source.since) to say where to start instead of pulling the whole PACS")
 
 
 def fingerprint_of(series: Iterable[tuple[str, int]]) -> str:
@@ -101,7 +126,7 @@ def fingerprint_of(series: Iterable[tuple[str, int]]) -> str:
     return h.hexdigest()
 
 
-def plan_pacs(client: PacsClient, cfg: Config, out: Path, now: datetime | None = None, *,
+def plan_pacs(client: PacsClient, cfg: Config, out: Path | None, now: datetime | None = None, *,
               is_done: Callable[[str, str], bool] | None = None) -> PacsPlan:
     """Plan this run against the PACS of ``client`` (queries only).
 
@@ -112,7 +137,8 @@ def plan_pacs(client: PacsClient, cfg: Config, out: Path, now: datetime | None =
     cfg
         The configuration (``source``, ``ingest.modalities``, ``ingest.uid_salt``).
     out
-        The output folder (source state under ``OUT/pacs/<source-id>/``).
+        The output folder (source state under ``OUT/pacs/<source-id>/``, read here, written by
+        :func:`commit_window`); None: no stored state (a plan to look at: only ``since`` starts it).
     now
         The clock, the PACS's local time (default: this machine's local time).
     is_done
@@ -124,7 +150,7 @@ def plan_pacs(client: PacsClient, cfg: Config, out: Path, now: datetime | None =
     now_ts = now.timestamp()   # observations follow the run's clock; the recount waits in real time
     src = cfg.source
     address = client.address
-    state = load_state(out, address)
+    state = load_state(out, address) if out is not None else SourceState(address=address.redacted())
     start, end, how = window_of(state, cfg, address, out, now)
     plan = PacsPlan(address=address, end=end, window={"start": start.isoformat(timespec="seconds"),
                                                       "end": end.isoformat(timespec="seconds"), "from": how})

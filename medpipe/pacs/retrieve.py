@@ -3,12 +3,19 @@
 :func:`fetch_study` takes a plan's ``source`` dict (:func:`medpipe.pacs.plan.plan_pacs`), streams
 every planned series into ``cache_dir/<study-key>/`` (Part 10 files as the PACS sent them,
 compressed transfer syntaxes included; never a whole study in memory) and checks steps 2 and 3 of
-:mod:`medpipe.pacs.completeness`. The caller then scans that folder as a folder archive
-(``medpipe.ingest.scan_archive`` + ``plan_studies``) and removes it (:func:`drop_study`) once the
-study is published. A study that is still growing or arrived short raises
+:mod:`medpipe.pacs.completeness`. :func:`plan_retrieved` then scans and plans that folder as
+discovery does an archive folder; :func:`fetch_and_plan` does both, which is what the ``fetch``
+seam of :func:`medpipe.study.process_study` needs. The folder is removed (:func:`drop_study`) once
+the study is published. A study that is still growing or arrived short raises
 :class:`~medpipe.pacs.client.IncompleteStudy` (the caller defers it) and leaves nothing behind.
-"""
 
+Example (a sketch: ``p`` one of ``plan_pacs(...).plans``, ``client`` open)::
+
+    cache = cache_root(cfg, out)
+    study = fetch_and_plan(StudyPlan.from_dict(p), p["source"], cache, client, cfg)
+    ...                                   # ingest study.files, publish
+    drop_study(cache, p["source"])
+"""
 from __future__ import annotations
 
 import logging
@@ -18,11 +25,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 
+from ..config import Config, IngestConfig
+from ..errors import StudyError
 from .client import IncompleteStudy, PacsClient, PacsError
+
+if TYPE_CHECKING:
+    from ..ingest.plan import StudyPlan
 
 log = logging.getLogger(__name__)
 _UID_NAME = re.compile(r"^[0-9]+(\.[0-9]+)*\.dcm$")
@@ -32,7 +44,14 @@ class SeriesGrowing(IncompleteStudy):
     """A series' count changed between two observations of this run: still receiving instances."""
 
 
+def cache_root(cfg: Config, out: str | Path) -> Path:
+    """Where studies are retrieved: ``source.cache_dir``, else ``OUT/.work/pacs-cache`` (one
+    folder per study, removed when the study is done; ``source.cache_max_gb`` bounds it)."""
+    return Path(cfg.source.cache_dir) if cfg.source.cache_dir else Path(out) / ".work" / "pacs-cache"
+
+
 def study_folder(cache_dir: Path, source: dict[str, Any]) -> Path:
+    """The folder of one study's retrieved files: ``cache_dir/<study-key>``."""
     return Path(cache_dir) / source["study_key"]
 
 
@@ -152,6 +171,66 @@ def fetch_study(source: dict[str, Any], cache_dir: Path, client: PacsClient, *,
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
+
+
+def plan_retrieved(folder: Path, plan: StudyPlan, ingest_cfg: IngestConfig) -> StudyPlan:
+    """The plan to ingest ``plan``'s study from its retrieved files in ``folder``.
+
+    ``folder`` is scanned and planned as discovery does an archive folder (the series to ingest
+    is chosen by the same rules); the result keeps ``plan.fingerprint``, the study's identity for
+    skipping and for the UIDs of the objects sent back, which is what the PACS listed (series and
+    instance counts), not the cache's paths and times.
+
+    Raises
+    ------
+    StudyError
+        ``folder`` holds no study with ``plan.study_key``, or nothing of it to ingest (the
+        planner's reason, e.g. no series of an ingested modality).
+
+    Examples
+    --------
+    >>> from medpipe.config import IngestConfig
+    >>> from medpipe.ingest import StudyPlan
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as empty:
+    ...     plan_retrieved(Path(empty), StudyPlan("k1", "CT"), IngestConfig())
+    Traceback (most recent call last):
+    ...
+    medpipe.errors.StudyError: study k1: the retrieved files hold nothing to process: no series of this study
+    """
+    # medpipe.ingest brings zarr and the converters: only the workers that fetch need it
+    from ..ingest import plan_studies, scan_archive
+
+    scan = scan_archive(Path(folder), ingest_cfg)
+    found = [p for p in plan_studies(scan, ingest_cfg) if p.study_key == plan.study_key]
+    if not found or not found[0].files:
+        why = found[0].skip_reason if found else "no series of this study"
+        raise StudyError(plan.study_key, f"the retrieved files hold nothing to process: {why}")
+    got = found[0]
+    got.fingerprint = plan.fingerprint or got.fingerprint
+    return got
+
+
+def fetch_and_plan(plan: StudyPlan, source: dict[str, Any], cache_dir: Path, client: PacsClient, cfg: Config, *,
+                   sleep: Callable[[float], None] = time.sleep) -> StudyPlan:
+    """Retrieve a planned study into ``cache_dir/<study-key>/`` (:func:`fetch_study`, the cache
+    bounded by ``source.cache_max_gb``) and return the plan to ingest it (:func:`plan_retrieved`).
+
+    ``plan`` is the study as :func:`~medpipe.pacs.plan.plan_pacs` planned it (no files yet) and
+    ``source`` its ``source`` dict. The folder stays until :func:`drop_study`: the objects sent
+    back are made from its files after the study is published.
+
+    Raises
+    ------
+    SeriesGrowing, IncompleteStudy
+        As :func:`fetch_study` (nothing is left in the cache; the caller defers the study).
+    StudyError
+        The retrieved files hold nothing to ingest (the folder stays for :func:`drop_study`).
+    PacsAuthError, PacsUnavailable
+        From the client (after its retries).
+    """
+    root = fetch_study(source, cache_dir, client, max_bytes=int(cfg.source.cache_max_gb * 1e9), sleep=sleep)
+    return plan_retrieved(root, plan, cfg.ingest)
 
 
 def drop_study(cache_dir: Path, source: dict[str, Any]) -> None:

@@ -1,10 +1,10 @@
 """Results back to every configured destination: enqueue a study's objects, deliver the outboxes.
 
-The flow makes a study's objects for destinations with
-:func:`medpipe.report.dicom.write_send_objects` (only when ``send.destinations`` is not empty, and
-only for studies processed in this run: an unchanged, skipped study is not sent again), then
-:func:`enqueue_study`; at the end of the run :func:`deliver_all` sends what waits in each outbox
-and returns the summaries for run.json.
+Each study processed in this run gets its objects for destinations made and enqueued by
+:func:`enqueue_results` (:func:`medpipe.report.dicom.write_send_objects`, then
+:func:`enqueue_study`; only when ``send.destinations`` is not empty: an unchanged, skipped study
+is not sent again); at the end of the run :func:`deliver_all` sends what waits in each outbox and
+returns the summaries for run.json.
 
 >>> from medpipe.config import Config
 >>> enqueue_study("/tmp/out", Config(), "k", "fp", [])   # no destinations: nothing to do
@@ -13,7 +13,9 @@ and returns the summaries for run.json.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,39 @@ def enqueue_study(out: str | Path, cfg: Any, study_key: str, fingerprint: str,
     if not files:
         raise ValueError(f"study {study_key}: no objects to send")
     return [box.address.redacted() for box in outboxes(out, cfg) if box.enqueue(study_key, fingerprint, files)]
+
+
+def enqueue_results(entry: Any, source_files: Sequence[str], cfg: Any, out: str | Path, fingerprint: str,
+                    send_dir: Path) -> list[str]:
+    """Make the objects of a study processed in this run and put them into each destination's outbox.
+
+    The objects (:func:`medpipe.report.dicom.write_send_objects`) are made from the published
+    folder ``OUT/studies/<study-key>`` (its report.json) and the study's ``source_files``, in
+    ``send_dir`` (outside OUT's published studies: they are identifying), which is removed once
+    the outboxes hold their copies. Nothing is done when no destination is configured, when
+    ``entry`` (the study's :class:`~medpipe.study.StudyEntry`: ``study_key``, ``status``) is not
+    ``ok``, or without source files.
+
+    Returns
+    -------
+    list of str
+        The problems met making the objects, and each wanted object not made with its reason
+        (the study's result stands: its objects are made again when it is next redone).
+    """
+    if not cfg.send.destinations or entry.status != "ok" or not source_files:
+        return []
+    # report.dicom brings highdicom and zarr: imported only when a study has objects to send
+    from ..report.dicom import write_send_objects
+
+    study_dir = Path(out) / "studies" / entry.study_key
+    record = json.loads((study_dir / "report.json").read_text())
+    try:
+        made = write_send_objects(study_dir, record, cfg, list(source_files), send_dir)
+        if made.files:
+            enqueue_study(out, cfg, entry.study_key, fingerprint, made.files)
+    finally:
+        shutil.rmtree(send_dir, ignore_errors=True)  # identifying: the outboxes hold the copies
+    return [*made.problems, *(f"{k} not sent: {v}" for k, v in made.reasons.items() if k in cfg.send.objects)]
 
 
 def deliver_all(out: str | Path, cfg: Any, creds: Credentials | None = None,
