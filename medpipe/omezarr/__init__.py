@@ -28,7 +28,9 @@ The package's modules each do one job; every name is re-exported here, so caller
 from __future__ import annotations
 
 from .chunks import choose_chunks, chunk_bytes, numcodecs_blosc, store_aligned, write_block
-from .image import create_image, read_image, read_labels, write_image, write_labels
+from .image import (
+    create_image, create_labels, finish_labels, read_image, read_labels, write_image, write_labels,
+)
 from .ngff import (
     ARRAY_LAYOUT, AXES, LABELS_NAME, OME_VERSION, ImageMeta, add_label_name, default_affine, image_attrs,
     image_label_attrs, label_names, read_meta, update_attrs,
@@ -42,7 +44,7 @@ from .pyramid import _downsample_small_int, _factors  # noqa: F401, E402
 
 __all__ = [
     "ARRAY_LAYOUT", "AXES", "LABELS_NAME", "OME_VERSION", "ImageMeta", "add_label_name", "build_pyramid",
-    "choose_chunks", "chunk_bytes", "create_image", "create_levels", "default_affine", "downsample",
+    "choose_chunks", "chunk_bytes", "create_image", "create_labels", "finish_labels", "create_levels", "default_affine", "downsample",
     "image_attrs", "image_label_attrs", "label_names", "numcodecs_blosc", "pyramid_factors", "read_image",
     "read_labels", "read_meta", "store_aligned", "update_attrs", "write_block", "write_image", "write_labels",
 ]

@@ -77,15 +77,40 @@ def write_labels(
     meta = read_meta(image_path)
     if tuple(labels.shape) != tuple(meta.shape):
         raise ValueError(f"{image_path}: labels of shape {labels.shape} do not match image shape {meta.shape}")
-    add_label_name(image_path, name)
     dtype = np.dtype(labels.dtype) if np.dtype(labels.dtype).kind in "iu" else np.dtype("uint16")
-    label_path = image_path / "labels" / name
-    arr = create_image(label_path, meta.shape, dtype, meta.spacing, meta.affine,
-                       chunks=zarr.open_array(str(image_path / "0"), mode="r").chunks, attrs=attrs, name=name)
+    arr = create_labels(image_path, dtype, names, name=name, colors=colors, attrs=attrs)
     store_aligned(labels.astype(dtype), arr)
+    return finish_labels(image_path, name)
+
+
+def create_labels(
+    image_path: str | Path,
+    dtype: Any,
+    names: dict[int, str],
+    *,
+    name: str = LABELS_NAME,
+    colors: dict[int, tuple[int, int, int, int]] | None = None,
+    attrs: dict[str, Any] | None = None,
+) -> zarr.Array:
+    """The empty level 0 of label image ``image.zarr/labels/<name>`` (the image's shape and
+    chunks), for writers that fill it block by block (:func:`write_block`); then call
+    :func:`finish_labels`. :func:`write_labels` does both around one array."""
+    image_path = Path(image_path)
+    meta = read_meta(image_path)
+    add_label_name(image_path, name)
+    label_path = image_path / "labels" / name
+    arr = create_image(label_path, meta.shape, np.dtype(dtype), meta.spacing, meta.affine,
+                       chunks=zarr.open_array(str(image_path / "0"), mode="r").chunks, attrs=attrs, name=name)
     group = zarr.open_group(str(label_path), mode="r+")
     group.attrs["ome"] = {**dict(group.attrs["ome"]), "image-label": image_label_attrs(names, colors)}
-    build_pyramid(label_path, meta.levels, labels=True)
+    return arr
+
+
+def finish_labels(image_path: str | Path, name: str = LABELS_NAME) -> Path:
+    """Build the pyramid of a label image whose level 0 is written; returns its folder."""
+    image_path = Path(image_path)
+    label_path = image_path / "labels" / name
+    build_pyramid(label_path, read_meta(image_path).levels, labels=True)
     return label_path
 
 

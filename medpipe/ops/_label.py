@@ -31,7 +31,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ._backend import get_ndi, get_xp
 
-__all__ = ["label", "block_labels", "check_structure"]
+__all__ = ["label", "block_labels", "check_structure", "merge_slabs"]
 
 
 def check_structure(structure: Any, ndim: int) -> np.ndarray:
@@ -229,3 +229,49 @@ def _globalise(slab: np.ndarray, axis: int, boundary: int, chunks: tuple[tuple[i
             part = out[tuple(sel)]
             part[part != 0] += offsets[tuple(bidx)]
     return out
+
+
+def merge_slabs(counts: list[int], faces: list[tuple[np.ndarray, np.ndarray]],
+                structure: np.ndarray) -> tuple[list[np.ndarray], int]:
+    """Global components from z-slabs labelled one by one (each slab's labels ``1..counts[k]``).
+
+    ``faces[k]`` is slab ``k``'s first and last z-slice of labels (host arrays). Labels that
+    touch across the face between slab ``k`` and ``k+1`` (every offset of ``structure`` that
+    crosses it, as :func:`block_labels` does for Dask blocks) are merged; components are
+    numbered ``1..n`` by their first voxel in raster order, as ``scipy.ndimage.label`` numbers
+    them, because slabs follow each other along z.
+
+    Returns
+    -------
+    tables : list of int32 arrays
+        Per slab, its labels to the global labels (entry 0 is 0).
+    n : int
+        Number of components.
+
+    >>> a = np.zeros((4, 1, 3), bool); a[:, 0, 0] = True; a[3, 0, 2] = True
+    >>> parts = [scipy.ndimage.label(a[z0:z0 + 2]) for z0 in (0, 2)]
+    >>> tables, n = merge_slabs([k for _, k in parts], [(l[0], l[-1]) for l, _ in parts], check_structure(None, 3))
+    >>> n, [t.tolist() for t in tables]
+    (2, [[0, 1], [0, 1, 2]])
+    """
+    counts_arr = np.asarray(counts, dtype=np.int64)
+    offsets = np.cumsum(counts_arr) - counts_arr
+    total = int(counts_arr.sum())
+    if total == 0:
+        return [np.zeros(1, np.int32) for _ in counts], 0
+    pairs = []
+    for k in range(len(counts) - 1):
+        last = faces[k][1].astype(np.int64)
+        first = faces[k + 1][0].astype(np.int64)
+        slab = np.stack([np.where(last > 0, last + offsets[k], 0), np.where(first > 0, first + offsets[k + 1], 0)])
+        pairs.append(_face_pairs(slab, 0, structure))
+    edges = np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64)
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(total + 1, total + 1))
+    n, comp = connected_components(graph, directed=False)
+    comp = comp.astype(np.int32)  # node 0 is isolated and first: component 0; the others 1..n-1
+    tables = []
+    for off, cnt in zip(offsets, counts_arr):
+        table = comp[int(off): int(off + cnt) + 1].copy()
+        table[0] = 0
+        tables.append(table)
+    return tables, int(n - 1)

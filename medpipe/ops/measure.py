@@ -25,7 +25,7 @@ import numpy as np
 from ._backend import get_xp
 from ._label import label
 
-__all__ = ["region_stats", "label_counts", "lesion_candidates"]
+__all__ = ["region_stats", "stats_records", "label_counts", "lesion_candidates"]
 
 _TABLE_LIMIT = 2**24  # above this many (coordinate, label) cells, fall back to weighted sums
 # A block with at most 1/_SPARSE of its voxels labelled is measured from those voxels alone: the
@@ -257,11 +257,18 @@ def region_stats(
         raise ValueError(f"expected 3-d labels (z, y, x) and 3 spacings, got {labels.ndim}-d, {len(spacing)}")
     if image is not None and tuple(image.shape) != tuple(labels.shape):
         raise ValueError(f"image shape {image.shape} does not match labels {labels.shape}")
+    return stats_records(_stats(labels, image, n, foreground=True), spacing=spacing, affine=affine, names=names)
+
+
+def stats_records(st: dict[str, np.ndarray], *, spacing: Sequence[float], affine: np.ndarray | None = None,
+                  names: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """:func:`region_stats`'s records from reduced per-label statistics (``count``, ``csum``,
+    ``lo``, ``hi`` and optionally ``sum``, ``sumsq``, as :func:`_block_stats` and
+    :func:`_reduce` make them); label 0 is not reported."""
     if affine is None:
         from ..omezarr import default_affine
 
         affine = default_affine(tuple(spacing))  # type: ignore[arg-type]
-    st = _stats(labels, image, n, foreground=True)  # label 0 is not reported
     voxel_ml = math.prod(spacing) / 1000.0
     out = []
     for value in np.nonzero(st["count"])[0]:

@@ -145,20 +145,26 @@ def segment_study(study_dir: Path, modality: str, cfg: Config) -> dict:
         raise InputError(filtered_path, f"cannot open filtered image (run filter_study first): {exc}") from None
     if tuple(filtered.shape) != tuple(meta.shape):
         raise InputError(filtered_path, f"shape {filtered.shape} differs from image shape {meta.shape}")
+    params = dict(step.params)
+    if step.op == "ct_tissues":
+        # Streamed in z-slabs straight from and to Zarr: worker memory bounded by the slab.
+        from .ct_slabs import ct_tissues_slabs
+
+        try:
+            seg, measurements = ct_tissues_slabs(
+                study_dir, filtered_path, spacing=meta.spacing, affine=meta.affine, device=device,
+                lesion_min_ml=cfg.segment.lesion_min_ml, lesion_max_ml=cfg.segment.lesion_max_ml, **params)
+        except TypeError as exc:
+            raise ConfigError(f"{where} ({step.op}) params {params}: {exc}") from None
+        return _segment_result(study_dir, step.op, seg, measurements)
     # Both volumes are read by several passes of the method and by the measurements: read and
     # decompress them once (held by the workers; raw in its stored dtype, int16 for CT).
     filtered, raw = dask.persist(to_device(_read_working(filtered, cfg), device),
                                  to_device(_read_working(level0, cfg), device))
     raw = raw.astype(np.float32)
 
-    params = dict(step.params)
     try:
-        if step.op == "ct_tissues":
-            seg = METHODS["ct_tissues"](filtered, raw, spacing=meta.spacing, affine=meta.affine,
-                                        lesion_min_ml=cfg.segment.lesion_min_ml,
-                                        lesion_max_ml=cfg.segment.lesion_max_ml, **params)
-        else:
-            seg = METHODS[step.op](filtered, **params)
+        seg = METHODS[step.op](filtered, **params)
     except TypeError as exc:
         raise ConfigError(f"{where} ({step.op}) params {params}: {exc}") from None
 
@@ -167,14 +173,19 @@ def segment_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     omezarr.write_labels(image_path, labels, seg.names)
     measurements = region_stats(labels, to_numpy(raw), spacing=meta.spacing, affine=meta.affine,
                                 n=max(seg.names), names=seg.names)
+    return _segment_result(study_dir, step.op, seg, measurements)
+
+
+def _segment_result(study_dir: Path, op: str, seg: Any, measurements: list[dict]) -> dict:
+    """``segment_study``'s record of a segmentation and its measurements."""
     warnings = list(seg.warnings)
     present = {m["label"] for m in measurements}
-    warnings += [f"{step.op}: no voxels labelled {name!r}" for v, name in sorted(seg.names.items())
+    warnings += [f"{op}: no voxels labelled {name!r}" for v, name in sorted(seg.names.items())
                  if v not in present and name not in ("air", "lesion")]
-    log.info("segmented %s with %s: %d labels, %d lesion candidates", study_dir.name, step.op,
+    log.info("segmented %s with %s: %d labels, %d lesion candidates", study_dir.name, op,
              len(present), len(seg.lesion_candidates))
     return {
-        "method": step.op,
+        "method": op,
         "labels": {str(k): v for k, v in sorted(seg.names.items())},
         "measurements": measurements,
         "lesion_candidates": seg.lesion_candidates,

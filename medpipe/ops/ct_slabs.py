@@ -1,0 +1,261 @@
+"""``ct_tissues`` of a study's Zarr volumes, streamed in z-slabs: memory bounded by the slab.
+
+The same labels, lesion candidates and measurements as :func:`~medpipe.ops.methods.ct_tissues`
+followed by :func:`~medpipe.ops.measure.region_stats` on the whole volume (tests compare them),
+in three passes of one task per slab, each reading its slab from Zarr:
+
+1. *body*: the voxels above the body threshold labelled in 3-D per slab; per slab its label
+   counts and its first and last slices (:func:`body_parts`). The host merges labels across
+   slab faces (:func:`~medpipe.ops._label.merge_slabs`) and picks the largest component.
+2. *classes*: per slab the body (relabelled through its table, holes filled per slice), the
+   HU classes, the lungs' slice-wise convex hull and its rim, and the dense voxels inside the
+   hull labelled in 3-D with their statistics (:func:`class_parts`). Classes go to the label
+   image; the dense voxels (few) to a small file per slab. The host merges the dense components
+   and chooses the lesion candidates.
+3. *labels*: per slab the lesion voxels set in the classes, written back, and the per-label
+   statistics of the final labels against the raw image (:func:`label_parts`), reduced on the
+   host.
+
+Intensity sums of integer images (CT in HU) are sums of integers in float64, exact whatever
+their order, so the per-slab reduction gives the whole-volume figures bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import scipy.ndimage
+import zarr
+
+from .. import omezarr
+from ._backend import get_ndi, get_xp, to_device, to_numpy
+from ._label import check_structure, merge_slabs
+from .measure import _block_stats, _foreground_stats, _reduce, stats_records
+from .methods import CT_IDS, Segmentation
+from .morphology import IN_PLANE, _fill_holes_slices, _hull_slice
+from .segment import CT_PRESETS, ct_classes
+
+__all__ = ["SlabPlan", "slab_bounds", "ct_tissues_slabs", "body_parts", "class_parts", "label_parts"]
+
+SLAB_VOXELS = 2**23  # about 32 slices of 512 x 512: a few hundred MB of temporaries per task
+FACE = check_structure(None, 3)  # face connectivity, as ct_tissues labels body and lesions
+
+
+def slab_bounds(depth: int, plane: int, chunk_z: int, voxels: int = SLAB_VOXELS) -> list[tuple[int, int]]:
+    """Z-ranges of about ``voxels`` voxels, each a whole number of Zarr chunks (``chunk_z``).
+
+    >>> slab_bounds(10, 512 * 512, 4, voxels=8 * 512 * 512)
+    [(0, 8), (8, 10)]
+    >>> slab_bounds(3, 64, 8)
+    [(0, 3)]
+    """
+    step = max(chunk_z, voxels // max(plane, 1) // chunk_z * chunk_z)
+    return [(z, min(z + step, depth)) for z in range(0, depth, step)]
+
+
+@dataclass(frozen=True)
+class SlabPlan:
+    """What every slab task needs: the Zarr arrays' paths, the device and the parameters."""
+
+    filtered: str
+    raw: str
+    labels: str
+    scratch: str
+    device: str
+    body_threshold: float
+    lesion_threshold: float
+    ranges: dict[str, tuple[float, float]]
+
+
+def _read(path: str, z0: int, z1: int, device: str) -> Any:
+    return to_device(zarr.open_array(path, mode="r")[z0:z1], device)
+
+
+def _label(mask: Any) -> tuple[Any, int]:
+    xp = get_xp(mask)
+    lab, n = get_ndi(mask).label(mask, structure=xp.asarray(FACE), output=xp.int32)
+    return lab, int(n)
+
+
+def _faces(lab: Any) -> tuple[np.ndarray, np.ndarray]:
+    return to_numpy(lab[0]).copy(), to_numpy(lab[-1]).copy()
+
+
+def _raw_values(raw: Any) -> Any:
+    """Raw intensities as ``segment_study`` measures them (float32): integers of up to 16 bits
+    are exact in float32 and stay in their own dtype (half the memory); others are cast."""
+    xp = get_xp(raw)
+    if raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2 or raw.dtype == xp.float32:
+        return raw
+    return raw.astype(xp.float32)
+
+
+def body_parts(plan: SlabPlan, z0: int, z1: int) -> dict[str, Any]:
+    """Pass 1 of a slab: its voxel count per body-threshold label and its two face slices."""
+    hu = _read(plan.filtered, z0, z1, plan.device)
+    lab, n = _label(hu > plan.body_threshold)
+    xp = get_xp(lab)
+    counts = to_numpy(xp.bincount(lab.ravel(), minlength=n + 1))
+    return {"n": n, "counts": counts, "faces": _faces(lab)}
+
+
+def _dense_file(plan: SlabPlan, z0: int) -> Path:
+    return Path(plan.scratch) / f"dense-{z0}.npz"
+
+
+def class_parts(plan: SlabPlan, z0: int, z1: int, body_keep: np.ndarray) -> dict[str, Any]:
+    """Pass 2 of a slab: classes written to the label image; dense components' statistics.
+
+    ``body_keep``: this slab's body-threshold labels to "in the body" (boolean table).
+    """
+    hu = _read(plan.filtered, z0, z1, plan.device)
+    xp = get_xp(hu)
+    lab, _ = _label(hu > plan.body_threshold)
+    body = xp.asarray(body_keep)[lab]
+    del lab
+    body = xp.asarray(_fill_holes_slices(to_numpy(body)))  # in-plane holes: slice by slice on the host
+    ids = {name: CT_IDS[name] for name in ("air", "lung", "fat", "soft_tissue", "bone")}
+    classes = ct_classes(hu, ids, plan.ranges)
+    del hu
+    classes *= body.astype(xp.uint8)
+    del body
+    lung = to_numpy(classes == CT_IDS["lung"])
+    hull = np.stack([_hull_slice(s) if s.any() else s for s in lung])
+    del lung
+    # The rim: the hull less its in-plane erosion (border 0), as ct_tissues drops components on it.
+    rim = hull & ~scipy.ndimage.binary_erosion(hull, structure=IN_PLANE)
+    raw = _raw_values(_read(plan.raw, z0, z1, "cpu"))
+    dense = hull & (raw >= np.float32(plan.lesion_threshold))
+    del hull
+    comp, n = _label(dense)
+    del dense
+    stats = _foreground_stats(comp, raw, n, (z0, 0, 0))
+    where = np.flatnonzero(comp)
+    values = comp.ravel()[where]
+    stats["rim"] = np.bincount(values[rim.ravel()[where]], minlength=n + 1)
+    np.savez(_dense_file(plan, z0), where=where.astype(np.int64), values=values)
+    omezarr.write_block(zarr.open_array(plan.labels, mode="r+"), (z0, 0, 0), to_numpy(classes))
+    return {"n": n, "stats": stats, "faces": _faces(comp)}
+
+
+def label_parts(plan: SlabPlan, z0: int, z1: int, lesion_keep: np.ndarray, lesion_value: int,
+                n_labels: int) -> dict[str, np.ndarray]:
+    """Pass 3 of a slab: lesion voxels set in its classes (rewritten where any), and the
+    statistics of its final labels ``0..n_labels`` against the raw image."""
+    target = zarr.open_array(plan.labels, mode="r+")
+    labels = target[z0:z1]
+    dense = np.load(_dense_file(plan, z0))
+    where = dense["where"][lesion_keep[dense["values"]]]
+    if where.size:
+        labels.ravel()[where] = lesion_value
+        omezarr.write_block(target, (z0, 0, 0), labels)
+    raw = _raw_values(_read(plan.raw, z0, z1, plan.device))
+    return _block_stats(to_device(labels, plan.device), raw, n_labels, (z0, 0, 0), foreground=True)
+
+
+def _globalise(parts: list[dict[str, np.ndarray]], tables: list[np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Per-slab statistics of local labels summed into global labels ``0..n`` (exact: counts,
+    coordinate and integer-intensity sums are integers)."""
+    nd = 3
+    out = {"count": np.zeros(n + 1, np.int64), "csum": np.zeros((nd, n + 1)),
+           "lo": np.full((nd, n + 1), np.iinfo(np.int64).max, np.int64), "hi": np.full((nd, n + 1), -1, np.int64)}
+    for key in ("sum", "sumsq", "rim"):
+        if all(key in p for p in parts):
+            out[key] = np.zeros(n + 1)
+    for part, table in zip(parts, tables):
+        for key in ("count", "sum", "sumsq", "rim"):
+            if key in out:
+                np.add.at(out[key], table[1:], part[key][1:])
+        for ax in range(nd):
+            np.add.at(out["csum"][ax], table[1:], part["csum"][ax][1:])
+            np.minimum.at(out["lo"][ax], table[1:], part["lo"][ax][1:])
+            np.maximum.at(out["hi"][ax], table[1:], part["hi"][ax][1:])
+    return out
+
+
+def _compute(tasks: list[Any]) -> list[Any]:
+    return list(dask.compute(*tasks))
+
+
+def ct_tissues_slabs(
+    study_dir: Path,
+    filtered_path: Path,
+    *,
+    spacing: tuple[float, float, float],
+    affine: np.ndarray | None = None,
+    device: str = "cpu",
+    lesion_min_ml: float = 0.05,
+    lesion_max_ml: float = 200.0,
+    body_threshold: float = -500.0,
+    lesion_threshold: float = -400.0,
+    presets: dict[str, list[float]] | None = None,
+    slab_voxels: int = SLAB_VOXELS,
+) -> tuple[Segmentation, list[dict[str, Any]]]:
+    """:func:`~medpipe.ops.methods.ct_tissues` of ``filtered_path`` (classes) and the study's
+    ``image.zarr`` level 0 (lesions, measurements), written as its label image.
+
+    Returns the :class:`Segmentation` (``labels`` is the label image's level-0 path) and the
+    measurements of every label (:func:`~medpipe.ops.measure.region_stats`'s records).
+    Slab tasks run on the active Dask scheduler (the cluster's, in a run).
+    """
+    study_dir = Path(study_dir)
+    image_path = study_dir / "image.zarr"
+    raw = zarr.open_array(str(image_path / "0"), mode="r")
+    depth, ny, nx = raw.shape
+    names = {v: k for k, v in CT_IDS.items()}
+    omezarr.create_labels(image_path, np.uint8, names)
+    scratch = study_dir / ".segment-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    plan = SlabPlan(str(filtered_path), str(image_path / "0"), str(image_path / "labels" / omezarr.LABELS_NAME / "0"),
+                    str(scratch), device, float(body_threshold), float(lesion_threshold),
+                    {**CT_PRESETS, **{k: tuple(v) for k, v in (presets or {}).items()}})
+    bounds = slab_bounds(depth, ny * nx, raw.chunks[0], slab_voxels)
+    try:
+        parts = _compute([dask.delayed(body_parts, pure=False)(plan, z0, z1) for z0, z1 in bounds])
+        tables, n = merge_slabs([p["n"] for p in parts], [p["faces"] for p in parts], FACE)
+        counts = np.zeros(n + 1, np.int64)
+        for part, table in zip(parts, tables):
+            np.add.at(counts, table, part["counts"])
+        counts[0] = 0
+        best = int(np.argmax(counts)) if n else -1  # no voxel above the threshold: no body
+        keeps = [table == best for table in tables]
+        del parts, counts
+
+        parts = _compute([dask.delayed(class_parts, pure=False)(plan, z0, z1, keep)
+                          for (z0, z1), keep in zip(bounds, keeps)])
+        tables, n = merge_slabs([p["n"] for p in parts], [p["faces"] for p in parts], FACE)
+        comp = _globalise([p["stats"] for p in parts], tables, n)
+        del parts
+        candidates = _candidates(comp, spacing, affine, lesion_min_ml, lesion_max_ml)
+        lesion = np.zeros(n + 1, bool)
+        lesion[[c["id"] for c in candidates]] = True
+
+        lesion_value = CT_IDS["lesion"]
+        parts = _compute([dask.delayed(label_parts, pure=False)(plan, z0, z1, lesion[table], lesion_value,
+                                                                  max(names))
+                          for (z0, z1), table in zip(bounds, tables)])
+        measurements = stats_records(_reduce(parts), spacing=spacing, affine=affine, names=names)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    omezarr.finish_labels(image_path)
+    return Segmentation(plan.labels, names, candidates, []), measurements
+
+
+def _candidates(comp: dict[str, np.ndarray], spacing: tuple[float, float, float], affine: np.ndarray | None,
+                min_ml: float, max_ml: float) -> list[dict[str, Any]]:
+    """:func:`~medpipe.ops.measure.lesion_candidates`'s selection, then ``ct_tissues``'s: in the
+    volume range, ordered by decreasing volume, and not lying mostly on the hull's rim."""
+    stats = stats_records(comp, spacing=spacing, affine=affine)
+    keep = [s for s in stats if min_ml <= s["volume_ml"] <= max_ml]
+    keep.sort(key=lambda s: -s["voxels"])
+    # ct_tissues' rim test: the mean of the rim mask over the component (as float sums: exact).
+    out = [s for s in keep if float(comp["rim"][s["label"]]) / s["voxels"] < 0.5]
+    return [{"id": s["label"], "voxels": s["voxels"], "volume_ml": s["volume_ml"], "centroid_mm": s["centroid_mm"],
+             "bbox": s["bbox"], "mean": s["mean"]} for s in out]
