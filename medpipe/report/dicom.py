@@ -141,7 +141,11 @@ def _anonymize_in_place(out: pydicom.Dataset, study_key: str) -> pydicom.Dataset
 
 def deidentify(ds: pydicom.Dataset, study_key: str, key: bytes) -> pydicom.Dataset:
     """A de-identified copy of a made object: :func:`anonymize`, and every instance UID remapped
-    with ``key`` (:func:`medpipe.pacs.identity.remap_uids`), the method recorded as such."""
+    with ``key`` (:func:`medpipe.pacs.identity.remap_uids`), the method recorded as such.
+
+    The files are written by :func:`deidentified_bytes` (the same bytes, without this copy);
+    this is the plain form, done by pydicom on a copy read back, that tests compare it with.
+    """
     # The copy through the encoded bytes: a deepcopy of highdicom's SR objects is several times slower.
     out = pydicom.dcmread(io.BytesIO(_encode(ds)))
     out = ident.remap_uids(_anonymize_in_place(out, study_key), key)
@@ -152,6 +156,59 @@ def deidentify(ds: pydicom.Dataset, study_key: str, key: bytes) -> pydicom.Datas
     out.DeidentificationMethod = DEID_METHOD_REMAPPED
     out.DeidentificationMethodCodeSequence = [_code_item(c) for c in DEID_CODES_REMAPPED]
     return out
+
+
+def deidentified_bytes(ds: pydicom.Dataset, study_key: str, key: bytes) -> bytes:
+    """The file of :func:`deidentify` ``(ds, study_key, key)``, encoded from ``ds`` itself.
+
+    No copy of ``ds`` is made or read back: the top level is a new dataset holding the
+    elements of ``ds`` with the identity replaced, and the rest (UIDs remapped, identity in
+    sequence items replaced, private elements left out) is changed on the way into the file
+    (:func:`medpipe.report.encoding.encode_dataset`). ``ds`` stays as it is. Tests compare the
+    bytes with those of :func:`deidentify`.
+    """
+    from .encoding import encode_dataset
+
+    top = pydicom.Dataset()
+    top.update(ds)  # the same elements: those changed below are replaced, never edited
+    for attr in ("file_meta", "preamble"):
+        if hasattr(ds, attr):
+            setattr(top, attr, getattr(ds, attr))
+    replacements: dict[str, Any] = {**IDENTITY, "PatientID": study_key, "PatientIdentityRemoved": "YES",
+                                    "DeidentificationMethod": DEID_METHOD_REMAPPED,
+                                    "DeidentificationMethodCodeSequence": [_code_item(c) for c in DEID_CODES_REMAPPED]}
+    for keyword in OWN_EQUIPMENT:  # medpipe's own (the made object's equipment), not the source's
+        replacements[keyword] = ds[keyword].value if keyword in ds else None
+    for keyword, value in replacements.items():
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        vr = ds[tag].VR if tag in ds else pydicom.datadict.dictionary_VR(tag)
+        if tag in top:
+            del top[tag]
+        if value is not None:
+            top[tag] = pydicom.DataElement(tag, vr, value)
+    return encode_dataset(top, edit=_DeidentifyingEdit(key))
+
+
+class _DeidentifyingEdit:
+    """The element edit of :func:`deidentified_bytes`: private elements left out, instance
+    UIDs remapped (:func:`medpipe.pacs.identity.remap_uid`), and the identity attributes
+    inside sequence items replaced as :func:`_anonymize_items` does."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def __call__(self, elem: pydicom.DataElement, nested: bool) -> pydicom.DataElement | None:
+        tag = elem.tag
+        if tag.is_private:
+            return None
+        if nested and tag in _IDENTITY_TAGS:
+            value = IDENTITY[_IDENTITY_TAGS[tag]]
+            return None if value is None else pydicom.DataElement(tag, elem.VR, value)
+        if elem.VR == "UI" and tag in _INSTANCE_UID_TAGS and elem.value:
+            values = elem.value if isinstance(elem.value, list | pydicom.multival.MultiValue) else [elem.value]
+            mapped = [ident.remap_uid(v, self.key) for v in values]
+            return pydicom.DataElement(tag, "UI", mapped if len(mapped) > 1 else mapped[0])
+        return elem
 
 
 def _anonymize_items(ds: pydicom.Dataset) -> None:
@@ -171,6 +228,7 @@ def _anonymize_items(ds: pydicom.Dataset) -> None:
 
 
 _IDENTITY_TAGS = {pydicom.datadict.tag_for_keyword(k): k for k in IDENTITY}
+_INSTANCE_UID_TAGS = frozenset(pydicom.datadict.tag_for_keyword(k) for k in ident.INSTANCE_UID_KEYWORDS)
 
 
 def random_uids(kind: str) -> str:
@@ -761,8 +819,8 @@ def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
     for kind in ("seg", "sr"):
         ds, file = made.datasets.get(kind), None
         if ds is not None:
-            out = ds if identified else deidentify(ds, record["study_key"], key)
-            atomic.write_bytes(study_dir / f"{kind}.dcm", _encode(out))
+            data = _encode(ds) if identified else deidentified_bytes(ds, record["study_key"], key)
+            atomic.write_bytes(study_dir / f"{kind}.dcm", data)
             file = f"{kind}.dcm"
         objects.append(_object(kind, file, made.reasons.get(kind)))
     if one_pass:
@@ -795,8 +853,10 @@ def _write_send(send_dir: Path, made: MadeObjects, wanted: set[str], record: dic
             continue
         if deidentified:
             uid_key = uid_key or ident.load_uid_key(output_root(study_dir))
-            ds = deidentify(ds, record["study_key"], uid_key)
-        files.append(_write_private(send_dir / f"{kind}.dcm", _encode(ds)))
+            data = deidentified_bytes(ds, record["study_key"], uid_key)
+        else:
+            data = _encode(ds)
+        files.append(_write_private(send_dir / f"{kind}.dcm", data))
     return files
 
 

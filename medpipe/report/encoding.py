@@ -10,9 +10,14 @@ character set) is encoded once, by pydicom itself, and the sequences and items a
 are framed here exactly as pydicom frames them (defined lengths, or undefined lengths with
 delimiters where the element or item says so). The file preamble and meta group come from
 pydicom too. Anything this module does not reproduce byte for byte goes to pydicom whole:
-transfer syntaxes other than explicit VR little endian, ambiguous VRs (``US or SS``), values
+transfer syntaxes other than explicit VR little endian, ambiguous VRs (``US or SS``) inside
+sequence items (those at the top level are resolved by pydicom's own rule first), values
 read lazily from a file (buffered), and datasets whose encoding or character set differ
 from what they were read with (pydicom re-encodes those).
+
+An ``edit`` may change or leave out elements on the way (:func:`encode_dataset`): the
+de-identified copy of an object is its identified dataset encoded through an edit, with no
+copy of the dataset made (:func:`medpipe.report.dicom.deidentified_bytes`).
 
 Tests compare the bytes with pydicom's for medpipe's SEG and SR, identified and de-identified.
 
@@ -31,16 +36,23 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 
-__all__ = ["encode_dataset"]
+__all__ = ["Edit", "encode_dataset"]
+
+Edit = Callable[[Any, bool], Any]
+"""``edit(element, nested)``: the element to write instead of ``element`` (itself when unchanged),
+or None to leave it out; ``nested`` is True inside sequence items. It must depend on the
+element's tag, VR and value and on ``nested`` alone (its result is remembered for equal
+elements). Sequences are given to it too; the items of one it keeps are edited in turn."""
 
 _ITEM = struct.pack("<HH", 0xFFFE, 0xE000)
 _ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
@@ -59,13 +71,17 @@ def _pydicom_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def encode_dataset(ds: Dataset) -> bytes:
+def encode_dataset(ds: Dataset, edit: Edit | None = None) -> bytes:
     """The bytes ``ds.save_as(buf, enforce_file_format=True)`` writes into ``buf``.
 
     Parameters
     ----------
     ds : pydicom.Dataset
         With ``file_meta`` (its TransferSyntaxUID says how the dataset is encoded).
+    edit : callable, optional
+        Changes elements on the way (:data:`Edit`): the bytes are those of the dataset as
+        edited, ``ds`` itself stays as it is. The file meta group follows the edited SOP
+        class and instance UIDs, as pydicom's does.
 
     Returns
     -------
@@ -74,14 +90,31 @@ def encode_dataset(ds: Dataset) -> bytes:
     """
     meta = getattr(ds, "file_meta", None)
     if meta is None or meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
-        return _pydicom_bytes(ds)
+        return _pydicom_bytes(ds if edit is None else edited_copy(ds, edit))
     try:
-        return _header(ds) + _Encoder().dataset(ds, pydicom.charset.default_encoding)
+        return _header(ds, edit) + _Encoder(edit).dataset(ds, pydicom.charset.default_encoding)
     except _Fallback:
-        return _pydicom_bytes(ds)
+        return _pydicom_bytes(ds if edit is None else edited_copy(ds, edit))
 
 
-def _header(ds: Dataset) -> bytes:
+def edited_copy(ds: Dataset, edit: Edit, nested: bool = False) -> Dataset:
+    """A copy of ``ds`` with ``edit`` applied to every element (what :func:`encode_dataset`
+    writes through pydicom where it does not encode itself)."""
+    out = Dataset()
+    for attr in ("file_meta", "preamble"):
+        if hasattr(ds, attr):
+            setattr(out, attr, getattr(ds, attr))
+    for tag in ds.keys():
+        elem = edit(ds[tag], nested)
+        if elem is None:
+            continue
+        if elem.VR == "SQ":
+            elem = pydicom.DataElement(elem.tag, "SQ", [edited_copy(item, edit, True) for item in elem.value])
+        out[elem.tag] = elem
+    return out
+
+
+def _header(ds: Dataset, edit: Edit | None = None) -> bytes:
     """Preamble, ``DICM`` and the file meta group, as pydicom writes them for ``ds``.
 
     pydicom completes the meta group from the dataset's SOP class and instance UIDs, so they
@@ -92,7 +125,9 @@ def _header(ds: Dataset) -> bytes:
     head.preamble = getattr(ds, "preamble", None)
     for keyword in ("SOPClassUID", "SOPInstanceUID"):
         if keyword in ds:
-            setattr(head, keyword, ds[keyword].value)
+            elem = ds[keyword] if edit is None else edit(ds[keyword], False)
+            if elem is not None:
+                setattr(head, keyword, elem.value)
     data = _pydicom_bytes(head)
     start = 128 + 4  # preamble, "DICM"
     group, element, vr, length, group_length = struct.unpack_from("<HH2sHI", data, start)
@@ -112,40 +147,61 @@ def _frozen(value: Any) -> Any:
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, edit: Edit | None = None) -> None:
         self.cache: dict[Any, bytes] = {}
+        self.edit = edit
 
-    def dataset(self, ds: Dataset, parent_encoding: Any) -> bytes:
+    def dataset(self, ds: Dataset, parent_encoding: Any, nested: bool = False) -> bytes:
         # As pydicom's write_dataset: a dataset not read in this encoding and character set (a
         # new one, too) has its raw elements parsed (then written from their values) and its
         # ambiguous VRs corrected (those go to pydicom: see element()).
         convert = ds.original_encoding != _FP_ENCODING or ds.original_character_set != ds._character_set
         get = ds.__getitem__ if convert else ds.get_item
         encoding = ds.get("SpecificCharacterSet", parent_encoding)
+        if self.edit is not None:  # an edited element is one with its value: no raw ones
+            get = ds.__getitem__
         parts = []
         for tag in sorted(ds.keys()):
             if tag.element == 0 and tag.group > 6:  # retired group lengths: pydicom skips them
                 continue
-            parts.append(self.element(get(tag), encoding))
+            elem = get(tag)
+            if convert and not nested and (elem.VR is None or len(elem.VR) != 2):
+                # as pydicom does for a dataset it converts (in place, as it does): PixelData's
+                # 'OB or OW' of a new object; nested ones need their ancestors (pydicom's)
+                elem = correct_ambiguous_vr_element(elem, ds, True)
+            parts.append(self.element(elem, encoding, nested))
         return b"".join(parts)
 
-    def element(self, elem: Any, encoding: Any) -> bytes:
+    def element(self, elem: Any, encoding: Any, nested: bool = False) -> bytes:
         vr = elem.VR
         if vr is None or len(vr) != 2:
             raise _Fallback()  # ambiguous VR: pydicom corrects it per dataset
         if vr == "SQ" and not elem.is_raw:
+            if self.edit is not None:
+                elem = self.edit(elem, nested)
+                if elem is None:
+                    return b""
             return self.sequence(elem, encoding)
         if getattr(elem, "is_buffered", False):
             raise _Fallback()
         value = elem.value
         if isinstance(value, (bytes, bytearray)) and len(value) > _NO_CACHE_BYTES:
-            return self._encode_leaf(elem, encoding)
+            return self._leaf(elem, encoding, nested)
         key = (elem.is_raw, int(elem.tag), vr, _frozen(value), _frozen(encoding),
-               getattr(elem, "length", None) if elem.is_raw else elem.is_undefined_length)
+               getattr(elem, "length", None) if elem.is_raw else elem.is_undefined_length, nested)
         data = self.cache.get(key)
         if data is None:
-            data = self.cache[key] = self._encode_leaf(elem, encoding)
+            data = self.cache[key] = self._leaf(elem, encoding, nested)
         return data
+
+    def _leaf(self, elem: Any, encoding: Any, nested: bool) -> bytes:
+        if self.edit is not None:
+            elem = self.edit(elem, nested)
+            if elem is None:
+                return b""
+            if elem.VR is None or len(elem.VR) != 2 or elem.VR == "SQ":
+                raise _Fallback()
+        return self._encode_leaf(elem, encoding)
 
     @staticmethod
     def _encode_leaf(elem: Any, encoding: Any) -> bytes:
@@ -157,7 +213,7 @@ class _Encoder:
     def sequence(self, elem: Any, encoding: Any) -> bytes:
         items = []
         for item in elem.value:
-            body = self.dataset(item, encoding)
+            body = self.dataset(item, encoding, True)
             if getattr(item, "is_undefined_length_sequence_item", False):
                 items.append(_ITEM + b"\xff\xff\xff\xff" + body + _ITEM_END)
             else:

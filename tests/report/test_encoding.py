@@ -41,6 +41,16 @@ def test_seg_and_sr_bytes_equal_pydicom(made):
             assert encoding._header(ds) + encoding._Encoder().dataset(ds, "iso8859") == want, kind
 
 
+def test_new_objects_are_encoded_here_before_pydicom_wrote_them(made):
+    """A new SEG's PixelData has the ambiguous VR 'OB or OW' until pydicom writes it once; the
+    encoder resolves it by pydicom's rule instead of handing the whole object to pydicom."""
+    _, datasets = made
+    for kind in ("seg", "sr"):
+        ds = datasets[kind]
+        mine = encoding._header(ds) + encoding._Encoder().dataset(ds, "iso8859")  # no fallback
+        assert mine == _pydicom(ds), kind
+
+
 def test_deidentified_and_reread_objects_equal_pydicom(made):
     study, datasets = made
     key = load_uid_key(study.study_dir.parent.parent)
@@ -56,3 +66,45 @@ def test_other_transfer_syntaxes_go_to_pydicom(made):
     ds = datasets["sr"]
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     assert encode_dataset(ds) == _pydicom(ds)
+
+
+def _with_private_and_nested_identity(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` with what real sources bring along: private elements (at the top and in an item)
+    and identity attributes inside a sequence item."""
+    ds.private_block(0x0009, "ACME 1.0", create=True).add_new(0x01, "LO", "secret")
+    seq = next(e for e in ds if e.VR == "SQ" and len(e.value))
+    item = seq.value[0]
+    item.private_block(0x0011, "ACME 1.0", create=True).add_new(0x02, "LO", "secret too")
+    item.InstitutionName, item.PatientName, item.StudyDate = "St Example Hospital", "Doe^Jane", "20240102"
+    return ds
+
+
+def test_deidentified_bytes_equal_the_library_path(made):
+    """deidentified_bytes (an edit on the way into the file) writes what deidentify (a copy
+    read back by pydicom, then edited) gives pydicom to write; the identified object is kept."""
+    study, datasets = made
+    key = load_uid_key(study.study_dir.parent.parent)
+    assert {"seg", "sr", "report"} <= set(datasets)
+    for kind, ds in datasets.items():
+        ds = _with_private_and_nested_identity(ds)
+        before = _pydicom(ds)
+        want = _pydicom(dicom.deidentify(ds, study.study_dir.name, key))
+        got = dicom.deidentified_bytes(ds, study.study_dir.name, key)
+        assert got == want, kind
+        assert _pydicom(ds) == before, kind
+        back = pydicom.dcmread(io.BytesIO(got))
+        assert back.PatientID == study.study_dir.name and "secret" not in repr(back), kind
+        assert back.file_meta.MediaStorageSOPInstanceUID == back.SOPInstanceUID != ds.SOPInstanceUID, kind
+
+
+def test_an_edit_through_the_pydicom_fallback_writes_the_same(made):
+    study, datasets = made
+    key = load_uid_key(study.study_dir.parent.parent)
+    ds = _with_private_and_nested_identity(datasets["sr"])
+    want = dicom.deidentified_bytes(ds, study.study_dir.name, key)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian  # not encoded here: pydicom's
+    got = dicom.deidentified_bytes(ds, study.study_dir.name, key)
+    back, ref = pydicom.dcmread(io.BytesIO(got)), pydicom.dcmread(io.BytesIO(want))
+    assert back.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    assert back.SOPInstanceUID == ref.SOPInstanceUID and back.PatientID == ref.PatientID
+    assert "secret" not in repr(back) and back.ContentSequence == ref.ContentSequence
