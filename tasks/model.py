@@ -12,14 +12,18 @@ from medpipe.config import Config
 
 @task(name="check-model", cache_policy=NO_CACHE, persist_result=False)
 def check_model(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Load and check every enabled model on a worker (warming that worker's model cache).
+    """Check every enabled model from its files (no TensorFlow: milliseconds).
+
+    :func:`medpipe.inference.model.inspect_model`: the file's integrity, its architecture's
+    shapes against the configuration and the card, its weights' kind and size. What only loading
+    finds fails the first study's ``infer`` stage with the same message.
 
     Returns the first enabled model's description (as for a single model) with ``models``, the
     descriptions of all of them; None when none is enabled.
     """
-    from medpipe.inference.model import validate_model
+    from medpipe.inference.model import inspect_model
 
-    checked = [validate_model(m).to_dict() for m in Config.model_validate(config).inference_models() if m.enabled]
+    checked = [inspect_model(m).to_dict() for m in Config.model_validate(config).inference_models() if m.enabled]
     return {**checked[0], "models": checked} if checked else None
 
 

@@ -5,8 +5,14 @@ Importing this package does not import TensorFlow; the functions that need it do
 
 Public API
 ----------
+inspect_model(mcfg) -> ModelInfo
+    Check the configured model from its files, without TensorFlow (missing, corrupt, wrong
+    shape -> ModelError): what a run does before its first study.
 validate_model(mcfg) -> ModelInfo
-    Check the configured model before a run (missing, corrupt, wrong shape -> ModelError).
+    The same, by loading the model (imports TensorFlow).
+warm_up(model_path=None) -> None
+    Import TensorFlow and load a model into this process's cache (e.g. from a background thread
+    of a worker while a study's other stages run).
 infer_study(study_dir, modality, cfg, model=None, facts=None) -> dict
     Scores, study label, flags and saliency PNGs of one study by one configured model, or
     "not applicable" and why when the study is outside the model's domain.
@@ -23,15 +29,16 @@ configure_gpu() -> list[str]
 """
 
 from .model import (
-    DEFAULT_MODEL, ModelInfo, configure_gpu, configure_threads, load_count, resolve_model, validate_model,
+    DEFAULT_MODEL, ModelInfo, configure_gpu, configure_threads, inspect_model, load_count, resolve_model,
+    validate_model, warm_up,
 )
 from .domain import Domain, Facts, match
 from .stage import infer_study, plan_models, study_score
 
 __all__ = [
     "DEFAULT_MODEL", "Domain", "Facts", "ModelInfo", "configure_gpu", "configure_threads", "evaluate_archive",
-    "infer_study", "load_count", "make_labelled_volumes", "match", "plan_models", "resolve_model", "study_score",
-    "train_default", "validate_model",
+    "infer_study", "inspect_model", "load_count", "make_labelled_volumes", "match", "plan_models", "resolve_model",
+    "study_score", "train_default", "validate_model", "warm_up",
 ]
 
 

@@ -6,7 +6,8 @@ version, preprocessing (window, in-plane spacing), labels, threshold and the mod
 covers; values set in :class:`medpipe.config.ModelConfig` take precedence over the card.
 
 TensorFlow is imported lazily, so importing this module (e.g. in a scheduler or a flow
-process) stays cheap. Loaded models are cached per process under ``(path, sha256)``;
+process) stays cheap; :func:`inspect_model` checks a model from its files without TensorFlow,
+and :func:`warm_up` loads one ahead of the first study. Loaded models are cached per process under ``(path, sha256)``;
 :func:`load_count` tells how often this process loaded each model (tests read it on every
 Dask worker with ``client.run``).
 """
@@ -28,6 +29,7 @@ import numpy as np
 from ..config import Config, ModelConfig
 from ..errors import ModelError
 from .domain import Domain, merged_domain
+from .model_file import FileShapes, check_model_file, inspect_model_file
 
 log = logging.getLogger(__name__)
 
@@ -118,65 +120,6 @@ def read_card(path: str | Path) -> dict[str, Any]:
     if path.is_file() and card.get("file") not in (None, path.name):
         return {}
     return card
-
-
-# What Keras 3 writes into a .keras archive; an h5 file starts with (or has at a 512-byte
-# multiple, after a user block) the HDF5 signature.
-KERAS_MEMBERS = ("config.json", "model.weights.h5")
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def check_model_file(path: Path) -> None:
-    """Raise ``ModelError("corrupt model file <path>: <reason>")`` for a damaged model file.
-
-    Keras reports a ``.keras`` file that is not a zip archive as "File not found"; this names
-    the real reason first: no zip archive, members missing, or a member failing its CRC (every
-    member is read: once per process, before loading; Keras reads them all anyway). An ``.h5``
-    file needs the HDF5 signature. Directories (SavedModels) are left to TensorFlow.
-
-    >>> import tempfile
-    >>> bad = Path(tempfile.mkdtemp()) / "m.keras"
-    >>> _ = bad.write_bytes(b"not a zip")
-    >>> check_model_file(bad)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    medpipe.errors.ModelError: corrupt model file .../m.keras: not a zip archive (...)
-    """
-    if not path.is_file():
-        return
-    if path.suffix == ".h5":
-        if not _has_hdf5_signature(path):
-            raise ModelError(f"corrupt model file {path}: no HDF5 signature (not an .h5 file, or damaged)")
-        return
-    import zipfile
-    import zlib
-
-    if not zipfile.is_zipfile(path):
-        raise ModelError(f"corrupt model file {path}: not a zip archive (a .keras file is one; truncated or "
-                         "overwritten?)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            missing = [m for m in KERAS_MEMBERS if m not in archive.namelist()]
-            if missing:
-                raise ModelError(f"corrupt model file {path}: the archive lacks {', '.join(missing)} "
-                                 "(not a Keras 3 model)")
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:  # damaged members or directory
-        raise ModelError(f"corrupt model file {path}: {type(exc).__name__}: {exc}") from None
-    if bad is not None:
-        raise ModelError(f"corrupt model file {path}: member {bad} fails its CRC check")
-
-
-def _has_hdf5_signature(path: Path) -> bool:
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        for offset in (0, 512, 1024, 2048, 4096):
-            if offset + len(HDF5_SIGNATURE) > size:
-                break
-            fh.seek(offset)
-            if fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
-                return True
-    return False
 
 
 _SHA_CACHE: dict[tuple[str, float, int], str] = {}
@@ -402,15 +345,20 @@ def load_model(info: ModelInfo) -> LoadedModel:
             except ModelError:
                 raise
             except Exception as exc:  # Keras/TF raise many types for a corrupt file
-                raise ModelError(f"{path}: cannot load model: {type(exc).__name__}: {exc}") from None
+                # What the TF-free check at run start cannot see (e.g. HDF5 weights whose shapes
+                # do not fit the layers) lands here, at the first study, with the check's wording.
+                raise ModelError(f"corrupt model file {path}: cannot load it: {type(exc).__name__}: {exc}") from None
             _LOADS[info.path] += 1
             _CACHE[key] = model
             log.info("loaded model %s (%s) in process %d", info.name, info.sha256[:12], os.getpid())
     return model
 
 
-def check_compatible(model: LoadedModel, info: ModelInfo) -> None:
-    """Raise :class:`ModelError` when the model cannot take or produce what ``info`` declares."""
+def check_compatible(model: LoadedModel | FileShapes, info: ModelInfo) -> None:
+    """Raise :class:`ModelError` when the model cannot take or produce what ``info`` declares.
+
+    ``model`` is a loaded model or the shapes its file declares (:func:`inspect_model`).
+    """
     want = info.input_shape
     got = model.input_shape
     if len(got) != 3:
@@ -420,6 +368,8 @@ def check_compatible(model: LoadedModel, info: ModelInfo) -> None:
             raise ModelError(f"{info.path}: model input shape {got} does not fit the configured input {want} "
                              f"(axis {axis}: {g} != {w})")
     out = model.output_shape
+    if out is None:  # a model file's architecture this reader does not follow: the load checks it
+        return
     if info.output_kind == "slice_classification":
         if len(out) != 1 or out[0] not in (1, len(info.labels)):
             raise ModelError(f"{info.path}: output shape {out} is not a slice classification "
@@ -428,8 +378,56 @@ def check_compatible(model: LoadedModel, info: ModelInfo) -> None:
         raise ModelError(f"{info.path}: output shape {out} is not a segmentation of {want[:2]} slices")
 
 
+def inspect_model(mcfg: ModelConfig) -> ModelInfo:
+    """Resolve and check the configured model from its files alone: no TensorFlow, milliseconds.
+
+    What a run checks before its first study: the model file's integrity (every member's CRC of
+    a ``.keras`` archive), its architecture (``config.json``: one input and one output whose
+    shapes fit ``mcfg`` and the card) and its weights (an HDF5 file large enough for the
+    architecture's parameters and the card's ``architecture.parameters``). Weights that are
+    HDF5 but do not fit the layers are found at the first load instead (the study's ``infer``
+    stage fails with the same ``corrupt model file`` message). SavedModel directories are
+    checked for ``saved_model.pb`` only; TensorFlow checks the rest when it loads them.
+
+    Raises
+    ------
+    ModelError
+        Missing, corrupt or shape-incompatible model; the message names the path and the reason.
+
+    Examples
+    --------
+    >>> from medpipe.config import ModelConfig
+    >>> info = inspect_model(ModelConfig())
+    >>> info.output_kind, info.input_shape
+    ('slice_classification', (128, 128, 1))
+    """
+    info = resolve_model(mcfg)
+    params = (read_card(info.path).get("architecture") or {}).get("parameters")
+    shapes = inspect_model_file(Path(info.path), params if isinstance(params, int) else None)
+    if shapes is not None:
+        check_compatible(shapes, info)
+    return info
+
+
+def warm_up(model_path: str | Path | None = None) -> None:
+    """Import TensorFlow and load ``model_path`` (None: the default model) into this process's cache.
+
+    For a worker to call in the background while a study's other stages run, so that its
+    ``infer`` stage finds the model loaded; the model is loaded once per process however often
+    this is called, and a study that needs it meanwhile waits for that one load. A model that
+    cannot be loaded is logged, not raised: the stages that need it report it per study.
+
+    >>> import threading
+    >>> threading.Thread(target=warm_up, daemon=True).start()  # doctest: +SKIP
+    """
+    try:
+        load_model(resolve_model(ModelConfig(path=model_path)))
+    except ModelError as exc:
+        log.warning("model warm-up failed (the infer stage will report it): %s", exc)
+
+
 def validate_model(mcfg: ModelConfig) -> ModelInfo:
-    """Resolve, load and check the configured model before any study is processed.
+    """Resolve, load and check the configured model (imports TensorFlow; see :func:`inspect_model`).
 
     Parameters
     ----------

@@ -16,7 +16,7 @@ from .. import omezarr
 from .model import ModelInfo
 from .preprocess import preprocess_slices
 
-__all__ = ["load_batch", "read_batch"]
+__all__ = ["load_batch", "read_batch", "read_slices"]
 
 
 def read_batch(image_path: str | Path, start: int, stop: int, info: ModelInfo,
@@ -30,6 +30,15 @@ def read_batch(image_path: str | Path, start: int, stop: int, info: ModelInfo,
     # Level 0 straight from Zarr: a Dask graph per batch (read_image) costs twice the decode.
     arr = zarr.open_array(str(Path(image_path) / "0"), mode="r")
     return load_batch(arr, start, stop, info, pixel_spacing)[0]
+
+
+def read_slices(image_path: str | Path, slices: list[int], info: ModelInfo) -> np.ndarray:
+    """The listed slices of a Zarr image (any order), preprocessed into one model batch."""
+    pixel_spacing = omezarr.read_meta(image_path).spacing[1:]
+    arr = zarr.open_array(str(Path(image_path) / "0"), mode="r")
+    raw = np.stack([arr[int(z)] for z in slices])
+    return preprocess_slices(raw, pixel_spacing, size=info.size, window=info.window, spacing_mm=info.spacing_mm,
+                             channels=info.channels)
 
 
 def load_batch(arr: Any, start: int, stop: int, info: ModelInfo,

@@ -8,6 +8,7 @@ SavedModels expose no layers, so they get the absolute input gradient, smoothed.
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from scipy import ndimage as ndi
 
 from ..atomic import write_bytes
 from .model import LoadedModel, ModelInfo, load_model
-from .model_input import read_batch
+from .model_input import read_slices
+
+_GRADCAM_LOCK = threading.Lock()
 
 
 def _last_conv(keras_model: Any) -> Any | None:
@@ -45,8 +48,11 @@ def saliency_maps(model: LoadedModel, batch: np.ndarray, info: ModelInfo) -> np.
     if conv is not None:
         grad_model = getattr(model, "_gradcam", None)
         if grad_model is None:
-            grad_model = keras.Model(model.keras.inputs, [conv.output, model.keras.outputs[0]])
-            model._gradcam = grad_model  # built once per process, like the model
+            with _GRADCAM_LOCK:  # built once per process, like the model, by one of its threads
+                grad_model = getattr(model, "_gradcam", None)
+                if grad_model is None:
+                    grad_model = keras.Model(model.keras.inputs, [conv.output, model.keras.outputs[0]])
+                    model._gradcam = grad_model
         with tf.GradientTape() as tape:
             fmap, out = grad_model(x, training=False)
             target = _target(out, info)
@@ -84,13 +90,19 @@ def overlay_png(slice01: np.ndarray, heat01: np.ndarray, *, scale: int = 2) -> b
 
 
 def write_saliency(image_path: str, slices: list[int], info: ModelInfo, out_dir: str) -> list[str]:
-    """Write ``out_dir/slice_ZZZZ.png`` overlays for ``slices`` of a Zarr image; returns the paths."""
+    """Write ``out_dir/slice_ZZZZ.png`` overlays for ``slices`` of a Zarr image; returns the paths.
+
+    The slices are read and preprocessed together and their maps made in one model call (a
+    slice's map depends on that slice only).
+    """
+    if not slices:
+        return []
     model = load_model(info)
+    batch = read_slices(image_path, slices, info)
+    heat = saliency_maps(model, batch, info)
     paths = []
-    for z in slices:
-        batch = read_batch(image_path, z, z + 1, info)
-        heat = saliency_maps(model, batch, info)[0]
+    for i, z in enumerate(slices):
         path = Path(out_dir) / f"slice_{z:04d}.png"
-        write_bytes(path, overlay_png(batch[0, ..., 0], heat))
+        write_bytes(path, overlay_png(batch[i, ..., 0], heat[i]))
         paths.append(str(path))
     return paths

@@ -1,13 +1,13 @@
-"""The inference stage of one study: runs of slice batches fanned out as Dask tasks.
+"""The inference stage of one study: slice batches predicted in the process that runs the study
+or, for a large study, runs of them fanned out as Dask tasks over the cluster.
 
-Each task reads its own slices from the study's Zarr image on the worker, preprocesses them
-and runs the model cached in that worker process; only slice ranges go in and scores (or a
-small uint8 mask) come out. A task takes a run of consecutive batches and reads and
-preprocesses batch ``i + 1`` in a thread while TensorFlow predicts batch ``i`` (both release
-the GIL); a study is cut into a multiple of the scheduler's worker threads of such runs, so
-it still spreads over all workers of whatever scheduler is active (the distributed client
-inside the flow, the threaded scheduler elsewhere), and a long study into more runs than
-that, so Dask can balance them.
+Either way a run of consecutive batches is read from the study's Zarr image and preprocessed
+where it is predicted, by the model cached in that process; only slice ranges go in and scores
+(or a small uint8 mask) come out. Batch ``i + 1`` is read and preprocessed in a thread while
+TensorFlow predicts batch ``i`` (both release the GIL). A fanned-out study is cut into a
+multiple of the scheduler's worker threads of such runs, so it spreads over all workers of
+whatever scheduler is active (the distributed client inside the flow, the threaded scheduler
+elsewhere), and a long study into more runs than that, so Dask can balance them.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 RULES = {"max": "max of slice scores", "mean_top3": "mean of the 3 highest slice scores"}
 SALIENCY_DIR = "saliency"
+# A study of fewer batches runs them in the process that runs the study (see infer_study).
+FAN_OUT_MIN_BATCHES = 64
 # Most batches one task pipelines. Longer runs save task overhead; more runs per worker thread
 # let Dask even out a long study over workers of unequal speed.
 BATCHES_PER_TASK = 4
@@ -340,8 +342,15 @@ def outside_field_of_view(shape: tuple[int, ...], spacing: tuple[float, ...], in
 
 
 def infer_study(study_dir: Path, modality: str, cfg: Config, model: str | None = None,
-                facts: Facts | Mapping[str, Any] | None = None) -> dict:
+                facts: Facts | Mapping[str, Any] | None = None, *, fan_out: bool | None = None) -> dict:
     """Run one configured model over every axial slice of a study, if the study is in its domain.
+
+    The study's batches (and saliency maps) run in this process, with the model it has cached
+    (:func:`~medpipe.inference.model.warm_up` loads it ahead), unless the study has at least
+    :data:`FAN_OUT_MIN_BATCHES` batches: then they fan out as Dask tasks over the active
+    scheduler's workers. Importing TensorFlow and loading a model costs each process seconds of
+    CPU, more than predicting thousands of slices of a small model, so spreading a common study
+    over the workers would pay that load in every one of them to save a fraction of a second.
 
     Parameters
     ----------
@@ -360,6 +369,9 @@ def infer_study(study_dir: Path, modality: str, cfg: Config, model: str | None =
         photometric interpretation, series description; the slice count and field of view are
         taken from the volume. None: no header facts are known (a bare ``image.zarr``), so only
         the modality and the volume are checked against the domain, and the reason says so.
+    fan_out : bool, optional
+        True: batches as Dask tasks over the scheduler's workers; False: in this process;
+        None: by the study's size (above).
 
     Returns
     -------
@@ -402,11 +414,16 @@ def infer_study(study_dir: Path, modality: str, cfg: Config, model: str | None =
     spacing = tuple(meta.spacing[1:])
     batches = _ranges(n, bs)
     wait_ms = mcfg.batch_wait_ms if mcfg.batch_across_studies else None
-    tasks = [dask.delayed(predict_batches, pure=False)(str(image_path), [batches[i] for i in run], info, bs, spacing,
-                                                       wait_ms)
-             for run in task_runs(len(batches), scheduler_slots())]
+    if fan_out is None:
+        fan_out = len(batches) >= FAN_OUT_MIN_BATCHES
     try:
-        parts = [part for run in dask.compute(*tasks) for part in run]
+        if fan_out:
+            tasks = [dask.delayed(predict_batches, pure=False)(str(image_path), [batches[i] for i in run], info,
+                                                               bs, spacing, wait_ms)
+                     for run in task_runs(len(batches), scheduler_slots())]
+            parts = [part for run in dask.compute(*tasks) for part in run]
+        else:
+            parts = predict_batches(str(image_path), batches, info, bs, spacing, wait_ms)
     except ModelError as exc:
         raise StudyError(key, f"model failed: {exc}") from exc
     except MedpipeError:
@@ -432,7 +449,7 @@ def infer_study(study_dir: Path, modality: str, cfg: Config, model: str | None =
         names = {i: name for i, name in enumerate(info.labels) if i > 0} or {1: "foreground"}
         omezarr.write_labels(image_path, mask, names, name="model" + (f"-{own}" if own else ""),
                              attrs={"model": info.summary(), "source": "medpipe.inference"})
-    saliency = _saliency(study_dir, image_path, scores, info, mcfg.saliency_slices, own)
+    saliency = _saliency(study_dir, image_path, scores, info, mcfg.saliency_slices, own, fan_out)
     return {
         **base,
         "slice_scores": [float(s) if np.isfinite(s) else None for s in scores],
@@ -464,8 +481,8 @@ def output_subname(cfg: Config, mcfg: ModelConfig) -> str:
 
 
 def _saliency(study_dir: Path, image_path: Path, scores: np.ndarray, info: ModelInfo, k: int,
-              subdir: str = "") -> list[dict]:
-    """Saliency PNGs for the ``k`` highest finite-scoring slices, made in one worker task."""
+              subdir: str = "", fan_out: bool = False) -> list[dict]:
+    """Saliency PNGs for the ``k`` highest finite-scoring slices, made here or (``fan_out``) in a worker task."""
     if k <= 0:
         return []
     finite = np.flatnonzero(np.isfinite(scores))
@@ -475,7 +492,10 @@ def _saliency(study_dir: Path, image_path: Path, scores: np.ndarray, info: Model
     slices = [int(z) for z in top]
     rel = f"{SALIENCY_DIR}/{subdir}" if subdir else SALIENCY_DIR
     out_dir = study_dir / rel
-    pngs = dask.compute(dask.delayed(write_saliency, pure=False)(str(image_path), slices, info, str(out_dir)))[0]
+    if fan_out:
+        pngs = dask.compute(dask.delayed(write_saliency, pure=False)(str(image_path), slices, info, str(out_dir)))[0]
+    else:
+        pngs = write_saliency(str(image_path), slices, info, str(out_dir))
     return [{"slice": z, "score": float(scores[z]), "png": f"{rel}/{Path(p).name}"}
             for z, p in zip(slices, pngs)]
 
