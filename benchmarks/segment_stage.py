@@ -81,12 +81,27 @@ class RssSampler:
         self._thread.join()
 
 
+def _task_seconds(stream: list[dict]) -> str:
+    """Seconds of compute per task-name prefix, largest first."""
+    import re
+    from collections import Counter
+
+    total: Counter = Counter()
+    for task in stream:
+        name = re.sub(r"-[0-9a-f]{8,}.*$", "", str(task["key"]).strip("(')").split("'")[0])
+        for part in task.get("startstops", ()):
+            if part["action"] == "compute":
+                total[name] += part["stop"] - part["start"]
+    return ", ".join(f"{k} {v:.2f}" for k, v in total.most_common(12))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, help="DICOM archive (default: write a phantom study)")
     parser.add_argument("--slices", type=int, default=300, help="slices of the phantom study written")
     parser.add_argument("--work", type=Path, default=Path("/tmp/segment-stage"))
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--tasks", action="store_true", help="print task seconds by task name")
     parser.add_argument("--profile", action="store_true", help="save a Dask performance report per stage")
     args = parser.parse_args()
 
@@ -114,6 +129,7 @@ def main() -> None:
                 client.run(lambda: __import__("gc").collect())
                 with RssSampler(pids) as rss:
                     t0 = time.perf_counter()
+                    client.get_task_stream()  # start recording (cleared per stage below)
                     if args.profile:
                         with performance_report(filename=str(args.work / f"{name}-{rep}.html")):
                             out = client.submit(in_worker, func, staging, "CT", cfg, pure=False).result()
@@ -124,6 +140,8 @@ def main() -> None:
                 extra = f" labels {len(out['measurements'])}, candidates {len(out['lesion_candidates'])}" \
                     if name == "segment" else ""
                 print(f"run {rep + 1} {name:8s} {wall:6.2f} s wall, worker peak RSS {peaks} MiB{extra}", flush=True)
+                if args.tasks:
+                    print("   task seconds: " + _task_seconds(client.get_task_stream(start=t0)))
     shutil.rmtree(args.work / "dask-worker-space", ignore_errors=True)
 
 

@@ -30,18 +30,17 @@ from typing import Any
 
 import dask
 import numpy as np
-import scipy.ndimage
 import zarr
 
 from .. import omezarr
 from ._backend import get_ndi, get_xp, to_device, to_numpy
 from ._label import check_structure, merge_slabs
-from .measure import _block_stats, _foreground_stats, _reduce, stats_records
+from .measure import _block_stats, _foreground_stats, _reduce, small_label_stats, stats_records
 from .methods import CT_IDS, Segmentation
-from .morphology import IN_PLANE, _fill_holes_slices, _hull_slice
+from .morphology import _fill_holes_slices, _hull_slice
 from .segment import CT_PRESETS, ct_classes
 
-__all__ = ["SlabPlan", "slab_bounds", "ct_tissues_slabs", "body_parts", "class_parts", "label_parts"]
+__all__ = ["SlabPlan", "slab_bounds", "ct_tissues_slabs", "body_parts", "class_parts", "label_parts", "rim_in_plane"]
 
 SLAB_VOXELS = 2**23  # about 32 slices of 512 x 512: a few hundred MB of temporaries per task
 FACE = check_structure(None, 3)  # face connectivity, as ct_tissues labels body and lesions
@@ -96,17 +95,76 @@ def _raw_values(raw: Any) -> Any:
     return raw.astype(xp.float32)
 
 
+def _scratch(plan: SlabPlan, name: str, z0: int) -> Path:
+    return Path(plan.scratch) / f"{name}-{z0}.npy"
+
+
+def _save(path: Path, a: Any) -> None:
+    """A host copy of ``a`` in a scratch file, compressed (label images shrink 50-100x)."""
+    from numcodecs import Blosc
+
+    a = np.ascontiguousarray(to_numpy(a))
+    path.write_bytes(Blosc("lz4", 1, Blosc.SHUFFLE).encode(a))
+    path.with_suffix(".meta").write_text(f"{a.dtype.str} {' '.join(map(str, a.shape))}")
+
+
+def _load(path: Path) -> np.ndarray:
+    from numcodecs import Blosc
+
+    dtype, *shape = path.with_suffix(".meta").read_text().split()
+    return np.frombuffer(Blosc().decode(path.read_bytes()), dtype=dtype).reshape([int(n) for n in shape]).copy()
+
+
+def _counts(lab: Any, n: int) -> np.ndarray:
+    """Voxels of each label ``0..n``, slice by slice (no volume-sized int64 index copy)."""
+    xp = get_xp(lab)
+    total = xp.zeros(n + 1, xp.int64)
+    for plane in lab:
+        total += xp.bincount(plane.ravel(), minlength=n + 1)
+    return to_numpy(total)
+
+
 def body_parts(plan: SlabPlan, z0: int, z1: int) -> dict[str, Any]:
-    """Pass 1 of a slab: its voxel count per body-threshold label and its two face slices."""
+    """Pass 1 of a slab: the body-threshold labels (voxel counts, two face slices) and the HU
+    classes before masking, both kept in scratch files for pass 2 (no second read of the
+    filtered image)."""
     hu = _read(plan.filtered, z0, z1, plan.device)
     lab, n = _label(hu > plan.body_threshold)
-    xp = get_xp(lab)
-    counts = to_numpy(xp.bincount(lab.ravel(), minlength=n + 1))
-    return {"n": n, "counts": counts, "faces": _faces(lab)}
+    ids = {name: CT_IDS[name] for name in ("air", "lung", "fat", "soft_tissue", "bone")}
+    _save(_scratch(plan, "classes", z0), ct_classes(hu, ids, plan.ranges))
+    del hu
+    _save(_scratch(plan, "body", z0), lab)
+    return {"n": n, "counts": _counts(lab, n), "faces": _faces(lab)}
 
 
-def _dense_file(plan: SlabPlan, z0: int) -> Path:
-    return Path(plan.scratch) / f"dense-{z0}.npz"
+def rim_in_plane(mask: Any) -> Any:
+    """``mask & ~binary_erosion(mask, IN_PLANE)`` (border value 0): the voxels of ``mask`` with
+    a face neighbour in their slice outside it or beyond the slice's edge.
+
+    Four shifted comparisons instead of SciPy's general erosion (about 4x faster here).
+
+    >>> m = np.ones((1, 3, 4), bool)
+    >>> rim_in_plane(m).astype(int)[0].tolist()
+    [[1, 1, 1, 1], [1, 0, 0, 1], [1, 1, 1, 1]]
+    """
+    inner = mask.copy()
+    if inner.shape[1] < 3 or inner.shape[2] < 3:
+        inner[...] = False  # every voxel lies on an edge
+    else:
+        inner[:, 0] = inner[:, -1] = False
+        inner[:, :, 0] = inner[:, :, -1] = False
+        inner[:, 1:-1] &= mask[:, :-2] & mask[:, 2:]
+        inner[:, :, 1:-1] &= mask[:, :, :-2] & mask[:, :, 2:]
+    return mask & ~inner
+
+
+def _crop_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The y/x bounding box of a slab's True voxels (all z), or an empty box."""
+    rows = np.flatnonzero(mask.any(axis=(0, 2)))
+    cols = np.flatnonzero(mask.any(axis=(0, 1)))
+    if rows.size == 0:
+        return (slice(None), slice(0, 0), slice(0, 0))
+    return (slice(None), slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
 
 
 def class_parts(plan: SlabPlan, z0: int, z1: int, body_keep: np.ndarray) -> dict[str, Any]:
@@ -114,34 +172,49 @@ def class_parts(plan: SlabPlan, z0: int, z1: int, body_keep: np.ndarray) -> dict
 
     ``body_keep``: this slab's body-threshold labels to "in the body" (boolean table).
     """
-    hu = _read(plan.filtered, z0, z1, plan.device)
-    xp = get_xp(hu)
-    lab, _ = _label(hu > plan.body_threshold)
-    body = xp.asarray(body_keep)[lab]
+    lab = _load(_scratch(plan, "body", z0))
+    body = body_keep[lab]
     del lab
-    body = xp.asarray(_fill_holes_slices(to_numpy(body)))  # in-plane holes: slice by slice on the host
-    ids = {name: CT_IDS[name] for name in ("air", "lung", "fat", "soft_tissue", "bone")}
-    classes = ct_classes(hu, ids, plan.ranges)
-    del hu
-    classes *= body.astype(xp.uint8)
+    body = _fill_holes_slices(body)  # in-plane holes: slice by slice on the host
+    classes = _load(_scratch(plan, "classes", z0))
+    classes *= body
     del body
-    lung = to_numpy(classes == CT_IDS["lung"])
+    lung = classes == CT_IDS["lung"]
     hull = np.stack([_hull_slice(s) if s.any() else s for s in lung])
     del lung
-    # The rim: the hull less its in-plane erosion (border 0), as ct_tissues drops components on it.
-    rim = hull & ~scipy.ndimage.binary_erosion(hull, structure=IN_PLANE)
     raw = _raw_values(_read(plan.raw, z0, z1, "cpu"))
     dense = hull & (raw >= np.float32(plan.lesion_threshold))
-    del hull
-    comp, n = _label(dense)
+    # Dense voxels lie in the lungs' hull: label and measure them inside its y/x box only.
+    box = _crop_box(hull)
+    offset = (z0, box[1].start or 0, box[2].start or 0)
+    hull, dense, raw = hull[box], dense[box], raw[box]
+    rim = rim_in_plane(hull)
+    comp, n = _label(dense) if dense.size else (np.zeros(dense.shape, np.int32), 0)
     del dense
-    stats = _foreground_stats(comp, raw, n, (z0, 0, 0))
     where = np.flatnonzero(comp)
     values = comp.ravel()[where]
+    stats = _foreground_stats(comp, raw, n, offset) if comp.size else {
+        "count": np.zeros(1, np.int64), "sum": np.zeros(1), "sumsq": np.zeros(1), "csum": np.zeros((3, 1)),
+        "lo": np.full((3, 1), np.iinfo(np.int64).max, np.int64), "hi": np.full((3, 1), -1, np.int64)}
     stats["rim"] = np.bincount(values[rim.ravel()[where]], minlength=n + 1)
-    np.savez(_dense_file(plan, z0), where=where.astype(np.int64), values=values)
-    omezarr.write_block(zarr.open_array(plan.labels, mode="r+"), (z0, 0, 0), to_numpy(classes))
-    return {"n": n, "stats": stats, "faces": _faces(comp)}
+    # Voxels as flat indices into the whole slab, for pass 3.
+    coords = np.unravel_index(where, comp.shape)
+    flat = np.ravel_multi_index((coords[0], coords[1] + offset[1], coords[2] + offset[2]), classes.shape)
+    np.save(_scratch(plan, "dense-where", z0), flat.astype(np.int64))
+    np.save(_scratch(plan, "dense-values", z0), values)
+    omezarr.write_block(zarr.open_array(plan.labels, mode="r+"), (z0, 0, 0), classes)
+    return {"n": n, "stats": stats, "faces": _faces_in(comp, box, classes.shape)}
+
+
+def _faces_in(comp: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """First and last z-slice of labels ``comp`` cropped to ``box``, as whole slices of ``shape``."""
+    faces = []
+    for z in (0, -1):
+        face = np.zeros(shape[1:], np.int32)
+        if comp.size:
+            face[box[1:]] = comp[z]
+        faces.append(face)
+    return faces[0], faces[1]
 
 
 def label_parts(plan: SlabPlan, z0: int, z1: int, lesion_keep: np.ndarray, lesion_value: int,
@@ -150,12 +223,15 @@ def label_parts(plan: SlabPlan, z0: int, z1: int, lesion_keep: np.ndarray, lesio
     statistics of its final labels ``0..n_labels`` against the raw image."""
     target = zarr.open_array(plan.labels, mode="r+")
     labels = target[z0:z1]
-    dense = np.load(_dense_file(plan, z0))
-    where = dense["where"][lesion_keep[dense["values"]]]
+    where = np.load(_scratch(plan, "dense-where", z0))[lesion_keep[np.load(_scratch(plan, "dense-values", z0))]]
     if where.size:
         labels.ravel()[where] = lesion_value
         omezarr.write_block(target, (z0, 0, 0), labels)
     raw = _raw_values(_read(plan.raw, z0, z1, plan.device))
+    if get_xp(raw) is np:
+        fast = small_label_stats(labels, raw, n_labels, (z0, 0, 0))
+        if fast is not None:
+            return fast
     return _block_stats(to_device(labels, plan.device), raw, n_labels, (z0, 0, 0), foreground=True)
 
 

@@ -183,6 +183,64 @@ def _block_stats(lab: Any, img: Any, n: int, offset: Sequence[int], geometry: bo
     return out
 
 
+def small_label_stats(lab: np.ndarray, img: np.ndarray, n: int, offset: Sequence[int]) -> dict[str, np.ndarray] | None:
+    """:func:`_block_stats` of a 3-D NumPy block of few labels (``0..n``) against an integer
+    image of a narrow range (CT in HU), in three unweighted ``bincount`` calls per z-slice on
+    reused int64 key buffers: (row, label), (column, label) and (label, intensity) counts.
+
+    Counts, coordinate sums and bounding boxes are the same integers; intensity sums and sums
+    of squares come from the (label, intensity) histogram in exact integer arithmetic, so
+    they equal :func:`_block_stats`'s float sums whenever those are exact (sums of integers
+    below 2**53, as every CT study's are). ``None`` where this does not apply (other dtypes,
+    a range of more than 2**16 values, many labels): use :func:`_block_stats`.
+    """
+    if (lab.ndim != 3 or lab.dtype.kind not in "iu" or img.dtype.kind not in "iu" or img.dtype.itemsize > 2
+            or n > 255 or lab.size == 0):
+        return None
+    lo_v, hi_v = int(img.min()), int(img.max())
+    width = hi_v - lo_v + 1
+    if int(lab.max()) > n:
+        raise ValueError(f"label {int(lab.max())} exceeds n={n}")
+    nz, ny, nx = lab.shape
+    k = n + 1
+    key = np.empty((ny, nx), np.int64)
+    rows = k * np.arange(ny, dtype=np.int64)[:, None]
+    cols = k * np.arange(nx, dtype=np.int64)[None, :]
+    zt = np.zeros((nz, k), np.int64)
+    yt = np.zeros(ny * k, np.int64)
+    xt = np.zeros(nx * k, np.int64)
+    joint = np.zeros(k * width, np.int64)
+    for z in range(nz):
+        np.add(lab[z], rows, out=key)
+        yt += np.bincount(key.ravel(), minlength=ny * k)
+        np.add(lab[z], cols, out=key)
+        xt += np.bincount(key.ravel(), minlength=nx * k)
+        np.multiply(lab[z], np.int64(width), out=key)
+        key += img[z]
+        key -= lo_v
+        part = np.bincount(key.ravel(), minlength=k * width)
+        joint += part
+        zt[z] = part.reshape(k, width).sum(axis=1)
+    joint = joint.reshape(k, width)
+    values = np.arange(lo_v, hi_v + 1, dtype=np.int64)
+    count = joint.sum(axis=1)
+    out: dict[str, np.ndarray] = {"count": count,
+                                  "sum": (joint @ values).astype(np.float64),
+                                  "sumsq": (joint @ (values * values)).astype(np.float64)}
+    csum = np.zeros((3, k))
+    lo = np.full((3, k), np.iinfo(np.int64).max, np.int64)
+    hi = np.full((3, k), -1, np.int64)
+    for ax, table in enumerate((zt, yt.reshape(ny, k), xt.reshape(nx, k))):
+        m = table.shape[0]
+        present = table > 0
+        any_ = present.any(axis=0)
+        csum[ax] = (table * np.arange(m)[:, None]).sum(axis=0) + offset[ax] * count
+        lo[ax] = np.where(any_, present.argmax(axis=0) + offset[ax], lo[ax])
+        hi[ax] = np.where(any_, m - 1 - present[::-1].argmax(axis=0) + offset[ax], hi[ax])
+    out.update(csum=csum, lo=lo, hi=hi)
+    return out
+
+
 def _reduce(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     total = {k: v.copy() for k, v in parts[0].items()}
     for p in parts[1:]:

@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 
 from medpipe import omezarr
 from medpipe.ops import SEGMENTERS, region_stats
-from medpipe.ops.ct_slabs import ct_tissues_slabs, slab_bounds
+from medpipe.ops.ct_slabs import ct_tissues_slabs, rim_in_plane, slab_bounds
 from medpipe.phantom import ct_phantom
 
 
@@ -60,3 +60,14 @@ def test_slab_bounds_cover_whole_chunks():
     bounds = slab_bounds(301, 512 * 512, 8)
     assert bounds[0] == (0, 32) and bounds[-1][1] == 301
     assert all(z0 % 8 == 0 for z0, _ in bounds)
+
+
+@pytest.mark.parametrize("shape", [(3, 17, 23), (2, 1, 5), (1, 2, 2), (2, 3, 3)])
+def test_rim_equals_scipy_erosion(shape):
+    from medpipe.ops.morphology import IN_PLANE
+
+    rng = np.random.default_rng(1)
+    for density in (0.3, 0.7, 1.0):
+        mask = rng.random(shape) < density
+        want = mask & ~ndi.binary_erosion(mask, structure=IN_PLANE)
+        np.testing.assert_array_equal(rim_in_plane(mask), want)

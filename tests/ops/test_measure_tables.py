@@ -65,3 +65,20 @@ def test_foreground_stats_equal_whole_block(shape):
     assert got["count"][0] == ref["count"][0]
     for key in ref:
         np.testing.assert_array_equal(got[key][..., 1:], ref[key][..., 1:], err_msg=key)
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 9), (1, 1, 1), (3, 64, 32)])
+def test_small_label_stats_equal_block_stats(shape):
+    """The histogram kernel for few labels and integer images equals the general one (labels 1..n)."""
+    from medpipe.ops.measure import _block_stats, small_label_stats
+
+    rng = np.random.default_rng(4)
+    lab = rng.integers(0, 5, shape).astype(np.uint8)
+    lab[lab == 3] = 0  # an absent label
+    img = rng.integers(-1024, 3000, shape).astype(np.int16)
+    want = _block_stats(lab, img.astype(np.float32), 6, (4, 2, 0), foreground=True)
+    got = small_label_stats(lab, img, 6, (4, 2, 0))
+    assert set(got) == set(want)
+    for key in want:  # label 0 (background, never reported) may lack sums and geometry in either
+        np.testing.assert_array_equal(got[key][..., 1:], want[key][..., 1:], err_msg=key)
+    assert small_label_stats(lab, img.astype(np.float32), 6, (0, 0, 0)) is None
