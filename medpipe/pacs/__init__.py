@@ -2,7 +2,9 @@
 
 The library never imports Prefect. Addresses: :mod:`medpipe.pacs.address`; credentials:
 :mod:`medpipe.pacs.auth`; clients: :func:`medpipe.pacs.client.open_client`; planning a night from a
-PACS: :func:`medpipe.pacs.plan.plan_pacs`; retrieval of one study: :func:`medpipe.pacs.retrieve.fetch_study`.
+PACS: :func:`medpipe.pacs.plan.plan_pacs`; retrieval of one study and the plan to ingest it:
+:func:`medpipe.pacs.retrieve.fetch_and_plan`; what a run sends back: :mod:`medpipe.pacs.send`
+(series medpipe sent are not inputs: :mod:`medpipe.pacs.inputs`).
 """
 
 from .address import PacsAddress
