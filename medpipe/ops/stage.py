@@ -24,6 +24,8 @@ from ..config import Config, FilterStep
 from ..errors import ConfigError, InputError
 from . import FILTERS
 from ._backend import resolve_device, to_device, to_numpy
+from .ct_slabs import slab_bounds
+from .filter_slabs import filter_slabs, pipeline_halo
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ def filter_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     device = resolve_device(cfg.cluster.device)
     image_path, level0 = _open_level0(study_dir)
 
+    # The lazy Dask pipeline checks every step's parameters (and runs pipelines that are not
+    # slab-local); slab-local ones run slab by slab straight from and to Zarr.
     work = _read_working(level0, cfg)
     work = to_device(work.astype(np.float32), device)
     for i, (step, func) in enumerate(zip(steps, funcs)):
@@ -99,7 +103,12 @@ def filter_study(study_dir: Path, modality: str, cfg: Config) -> dict:
     target = zarr.create_array(str(tmp), shape=level0.shape, chunks=level0.chunks, dtype=np.float32,
                                compressors=omezarr._compressors(), fill_value=0, overwrite=True,
                                **omezarr.ARRAY_LAYOUT)
-    omezarr.store_aligned(out, target)
+    halo = pipeline_halo(steps, funcs) if level0.ndim == 3 else None
+    if halo is None:
+        omezarr.store_aligned(out, target)
+    else:
+        bounds = slab_bounds(level0.shape[0], math.prod(level0.shape[1:]), level0.chunks[0])
+        filter_slabs(str(image_path / "0"), str(tmp), bounds, halo, funcs, [dict(s.params) for s in steps], device)
     from ..atomic import replace_dir
 
     replace_dir(tmp, final)
