@@ -30,6 +30,8 @@ import fcntl
 import json
 import os
 import shutil
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,11 +98,70 @@ def _check_file(path: Path, kind: str) -> str | None:
 
 # The element a DICOM output cannot be without, by kind: a file cut short lacks it.
 _ESSENTIAL = {"seg": "PixelData", "sr": "ContentSequence"}
+# Files found intact, by path: the (device, inode, size, mtime, ctime) they had then. A file
+# with the same is the same file, unchanged (any write changes its ctime): verifying a staging
+# folder again before publishing (write_report, then prepare) does not parse it again.
+_VERIFIED: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+_VERIFIED_MAX = 256
+_RACY_NS = 100_000_000
+
+
+def _signature(path: Path) -> tuple[int, ...]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _check_dicom(path: Path, kind: str) -> str | None:
     """A DICOM object whose every element parses, with its essential content, pixel data as long
-    as declared."""
+    as declared.
+
+    Objects in explicit VR little endian (medpipe's own) are checked by
+    :func:`medpipe.report.dicom_structure.structure`, which walks every element, item and
+    delimiter of the bytes without building datasets; others are parsed by pydicom. A file
+    found intact is not read again while it stays the same file (:data:`_VERIFIED`).
+    """
+    from .report.dicom_structure import structure
+
+    key, signature = str(path.resolve()), _signature(path)
+    if _VERIFIED.get(key) == signature:
+        return None
+    started = time.time_ns()
+    data = path.read_bytes()
+    found = structure(data)
+    if found is None:  # a transfer syntax the walker leaves to pydicom
+        problem = _check_dicom_pydicom(path, kind)
+    elif found.problem is not None:
+        return f"{path.name}: damaged DICOM object ({found.problem})"
+    else:
+        problem = _missing(path.name, kind, found.top) or _short_pixels(path.name, found.top, found.pixel_bytes)
+    # Remembered only when its last change is older than the clock's coarse step (file times
+    # advance in steps of a few ms): a write after this check then changes its times.
+    if problem is None and _signature(path) == signature and started - max(signature[3:]) > _RACY_NS:
+        _VERIFIED[key] = signature
+        _VERIFIED.move_to_end(key)
+        while len(_VERIFIED) > _VERIFIED_MAX:
+            _VERIFIED.popitem(last=False)
+    return problem
+
+
+def _missing(name: str, kind: str, top: dict[str, Any]) -> str | None:
+    for keyword in ("SOPInstanceUID", _ESSENTIAL.get(kind, "SOPInstanceUID")):
+        if keyword not in top:
+            return f"{name}: incomplete DICOM object (no {keyword})"
+    return None
+
+
+def _short_pixels(name: str, top: dict[str, Any], have: int | None) -> str | None:
+    """Uncompressed pixel data shorter than its header declares (``have`` None: encapsulated)."""
+    if "PixelData" not in top or have is None:
+        return None
+    bits = int(top["BitsAllocated"]) * int(top["Rows"]) * int(top["Columns"]) * int(top.get("SamplesPerPixel") or 1)
+    need = (bits * int(top.get("NumberOfFrames") or 1) + 7) // 8
+    return f"{name}: pixel data holds {have} of {need} bytes" if have < need else None
+
+
+def _check_dicom_pydicom(path: Path, kind: str) -> str | None:
+    """:func:`_check_dicom` by pydicom: every element of the file parsed and converted."""
     import pydicom
 
     ds = pydicom.dcmread(path)
