@@ -6,12 +6,25 @@ beside a bare ``model.predict`` over the same preprocessed batches held in memor
     .venv/bin/python benchmarks/inference.py --many-studies 200 --slices 64 [--batch 32]
                                              [--concurrent 8] [--repeats 2]
 
+Since issue 14 the stage runs a study of this size in the calling process (``--fan-out``: as
+tasks over the cluster's workers, as before).
+
 Fair and repeatable on a shared machine: both sides see the same slices and batch size and
 are warmed up (the graph built, every worker's model loaded once); the timed repeats
 alternate bare and stage (in turn first), so both see the same load, and the ratio is the
 median of the per-pair ratios. The load average is printed before and after. A breakdown
 times reading, preprocessing and predicting one batch at a time inside one worker (its
 TensorFlow limited to the worker's threads) and in this process (TensorFlow on all cores).
+
+``--study DIR``: a real study (a study folder with ``image.zarr``, e.g. one published by
+``medpipe run``) through ``infer_study`` inside a worker of a fresh 2-worker x 1-thread
+LocalCluster (as ``medpipe run`` runs it), two copies in turn (first and second study of that
+worker): batches fanned out over the workers (what the stage did before issue 14) against
+batches run in the study's own process, and the latter after :func:`warm_up`; wall and CPU
+seconds of the study and CPU seconds of all workers. Also the model check at run start in a
+fresh process: ``validate_model`` (loads TensorFlow) against ``inspect_model`` (files only).
+
+    .venv/bin/python benchmarks/inference.py --study OUT/studies/KEY
 
 ``--many-studies N``: N small studies of ``--slices`` slices through ``infer_study``, ``--concurrent``
 at a time in threads of this process (as one Dask worker process runs several study tasks; each
@@ -158,6 +171,99 @@ def many_studies(args: argparse.Namespace) -> None:
           f"slice scores identical: {same}")
 
 
+def _studies_in_worker(dirs: list[str], config: dict, fan_out: bool, warm: bool) -> dict:
+    """On a worker, as a study task runs there: optionally warm up, then infer each study in turn."""
+    import distributed
+
+    from medpipe.inference.model import warm_up
+    from medpipe.inference.stage import infer_study
+
+    cfg = Config.model_validate(config)
+    out: dict = {"studies": []}
+    if warm:
+        t, c = time.perf_counter(), time.process_time()
+        warm_up(cfg.model.path)
+        out["warm_up"] = (time.perf_counter() - t, time.process_time() - c)
+    with distributed.worker_client() as client, client.as_current():
+        for d in dirs:
+            t, c = time.perf_counter(), time.process_time()
+            res = infer_study(Path(d), "CT", cfg, fan_out=fan_out)
+            out["studies"].append((time.perf_counter() - t, time.process_time() - c, res["study_score"]))
+    return out
+
+
+def _check_in_fresh_process(check: str) -> tuple[float, float]:
+    """Seconds (wall, CPU) of ``check`` (inspect_model or validate_model) of the default model in a
+    new interpreter, after its medpipe imports (as in a worker, which has them preloaded)."""
+    import json
+    import subprocess
+
+    code = ("import json, time; from medpipe.config import ModelConfig; from medpipe.inference import model; "
+            "from medpipe.inference import stage; "
+            "t, c = time.perf_counter(), time.process_time(); "
+            f"model.{check}(ModelConfig()); print(json.dumps([time.perf_counter() - t, time.process_time() - c]))")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))  # type: ignore[return-value]
+
+
+def real_study(args: argparse.Namespace) -> None:
+    """The stage and the model check on a real study; see the module docstring (``--study``)."""
+    import shutil
+
+    import distributed
+
+    src = Path(args.study)
+    image = src if src.name == "image.zarr" else src / "image.zarr"
+    meta = omezarr.read_meta(image)
+    load0 = os.getloadavg()
+    config = {"model": {}}  # the defaults a run uses
+    checks = {name: [_check_in_fresh_process(name) for _ in range(args.repeats)]
+              for name in ("validate_model", "inspect_model")}
+    modes = {"fanned out over workers (before)": (True, False), "in the study's process": (False, False),
+             "in the study's process, after warm_up": (False, True)}
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="medpipe-bench-") as tmp:
+        dirs = []
+        for i in range(2):
+            dirs.append(str(Path(tmp) / f"study-{i}"))
+            shutil.copytree(image, Path(dirs[-1]) / "image.zarr")
+        for name, (fan_out, warm) in modes.items():
+            with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                          worker_dashboard_address=":0") as cluster, \
+                    distributed.Client(cluster) as client:
+                client.wait_for_workers(2)
+                first = sorted(client.scheduler_info()["workers"])[0]
+                cpu0 = client.run(time.process_time)
+                res = client.submit(_studies_in_worker, dirs, config, fan_out, warm, workers=[first],
+                                    pure=False).result()
+                cpu1 = client.run(time.process_time)
+                loads = client.run(lambda: sum(__import__("medpipe.inference.model", fromlist=["x"])
+                                               .load_count().values()))
+                rss = client.run(peak_rss_mib)
+            rows[name] = (res, sum(cpu1[w] - cpu0[w] for w in cpu1), sorted(loads.values()), max(rss.values()))
+    load1 = os.getloadavg()
+    print(f"study {src}: {meta.shape[0]} slices of {meta.shape[1]}x{meta.shape[2]} {meta.dtype} at "
+          f"{meta.spacing[1]:g} mm; default model, batch {Config().model.batch_size}, saliency "
+          f"{Config().model.saliency_slices} slices; {os.cpu_count()} CPUs, 2 workers x 1 thread")
+    print(f"load average (1, 5, 15 min): before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+          f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print(f"{'model check at run start (fresh process)':<44}{'wall s':>8}{'CPU s':>8}   (median of {args.repeats})")
+    for name, runs in checks.items():
+        w, c = np.median(np.array(runs), axis=0)
+        print(f"{name:<44}{w:>8.3f}{c:>8.3f}")
+    print(f"{'infer stage':<40}{'1st wall':>9}{'1st CPU':>8}{'2nd wall':>9}{'2nd CPU':>8}{'workers CPU':>12}"
+          f"{'loads':>7}{'peak RSS MiB':>13}")
+    for name, (res, cpu, loads, rss) in rows.items():
+        (w1, c1, s1), (w2, c2, s2) = res["studies"]
+        print(f"{name:<40}{w1:>9.2f}{c1:>8.2f}{w2:>9.2f}{c2:>8.2f}{cpu:>12.2f}{str(loads):>7}{rss:>13.0f}")
+        if "warm_up" in res:
+            print(f"{'  of which warm_up before the 1st study':<40}{res['warm_up'][0]:>9.2f}{res['warm_up'][1]:>8.2f}")
+    scores = {round(r[0]["studies"][0][2], 6) for r in rows.values()}
+    print(f"study scores identical across modes: {len(scores) == 1} ({scores})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=192)
@@ -171,7 +277,15 @@ def main() -> None:
                     help="N small studies: per-study batching against batches filled across studies")
     ap.add_argument("--concurrent", type=int, default=8, help="with --many-studies: studies at a time")
     ap.add_argument("--wait-ms", type=float, default=5.0, help="with --many-studies: model.batch_wait_ms")
+    ap.add_argument("--fan-out", action="store_true", default=None,
+                    help="the stage's batches as tasks over the cluster's workers (default: by the study's size, "
+                    "i.e. in this process for these sizes)")
+    ap.add_argument("--study", metavar="DIR", help="a real study folder (with image.zarr): the stage and the "
+                    "model check, before and after issue 14")
     args = ap.parse_args()
+    if args.study:
+        args.repeats = args.repeats or 2
+        return real_study(args)
     if args.many_studies:
         args.repeats = args.repeats or 2
         return many_studies(args)
@@ -218,7 +332,7 @@ def main() -> None:
 
             def stage() -> float:
                 t = time.perf_counter()
-                stage.res = infer_study(study, "CT", cfg)  # type: ignore[attr-defined]
+                stage.res = infer_study(study, "CT", cfg, fan_out=args.fan_out)  # type: ignore[attr-defined]
                 return time.perf_counter() - t
 
             bare(), floor(), stage()  # warm-up: predict graph built here, the model loaded on each worker
