@@ -34,6 +34,7 @@ import zarr
 
 from .. import omezarr
 from ._backend import get_ndi, get_xp, to_device, to_numpy
+from ._heap import keep_heap
 from ._label import check_structure, merge_slabs
 from .measure import _block_stats, _foreground_stats, _reduce, small_label_stats, stats_records
 from .methods import CT_IDS, Segmentation
@@ -128,6 +129,7 @@ def body_parts(plan: SlabPlan, z0: int, z1: int) -> dict[str, Any]:
     """Pass 1 of a slab: the body-threshold labels (voxel counts, two face slices) and the HU
     classes before masking, both kept in scratch files for pass 2 (no second read of the
     filtered image)."""
+    keep_heap()
     hu = _read(plan.filtered, z0, z1, plan.device)
     lab, n = _label(hu > plan.body_threshold)
     ids = {name: CT_IDS[name] for name in ("air", "lung", "fat", "soft_tissue", "bone")}
@@ -172,6 +174,7 @@ def class_parts(plan: SlabPlan, z0: int, z1: int, body_keep: np.ndarray) -> dict
 
     ``body_keep``: this slab's body-threshold labels to "in the body" (boolean table).
     """
+    keep_heap()
     lab = _load(_scratch(plan, "body", z0))
     body = body_keep[lab]
     del lab
@@ -221,6 +224,7 @@ def label_parts(plan: SlabPlan, z0: int, z1: int, lesion_keep: np.ndarray, lesio
                 n_labels: int) -> dict[str, np.ndarray]:
     """Pass 3 of a slab: lesion voxels set in its classes (rewritten where any), and the
     statistics of its final labels ``0..n_labels`` against the raw image."""
+    keep_heap()
     target = zarr.open_array(plan.labels, mode="r+")
     labels = target[z0:z1]
     where = np.load(_scratch(plan, "dense-where", z0))[lesion_keep[np.load(_scratch(plan, "dense-values", z0))]]

@@ -21,6 +21,7 @@ import zarr
 
 from .. import omezarr
 from ._backend import to_device, to_numpy
+from ._heap import keep_heap
 from ._overlap import halo_depth
 
 __all__ = ["pipeline_halo", "filter_slabs"]
@@ -68,6 +69,7 @@ def pipeline_halo(steps: Sequence[Any], funcs: Sequence[Callable[..., Any]]) -> 
 
 def _filter_slab(source: str, target: str, z0: int, z1: int, halo: int, funcs: Sequence[Callable[..., Any]],
                  params: Sequence[dict[str, Any]], device: str) -> None:
+    keep_heap()
     src = zarr.open_array(source, mode="r")
     lo, hi = max(0, z0 - halo), min(src.shape[0], z1 + halo)
     work = to_device(src[lo:hi].astype(np.float32), device)
