@@ -200,3 +200,17 @@ def test_warm_up_loads_once_and_never_raises(tmp_path, caplog):
     bad.write_bytes(b"no model")
     m.warm_up(bad)  # logged: the study's infer stage reports it
     assert "corrupt model file" in caplog.text and str(bad) not in m.load_count()
+
+
+def test_the_check_at_run_start(tmp_path):
+    """tasks.model.check_model (the run's check-model task): the files' check, the same description
+    as describe_models, and a corrupt model refused with the file's name and the reason."""
+    from tasks.model import check_model, describe_models
+
+    config = {"models": [{"name": "a"}, {"name": "b", "enabled": False}]}
+    assert check_model.fn(config) == describe_models(config)
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(m.DEFAULT_MODEL.read_bytes()[:1000])
+    with pytest.raises(ModelError, match=r"corrupt model file .*bad\.keras: not a zip archive"):
+        check_model.fn({"model": {"path": str(bad)}})
+    assert check_model.fn({"model": {"enabled": False}}) is None
