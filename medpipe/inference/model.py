@@ -386,8 +386,9 @@ def inspect_model(mcfg: ModelConfig) -> ModelInfo:
     shapes fit ``mcfg`` and the card) and its weights (an HDF5 file large enough for the
     architecture's parameters and the card's ``architecture.parameters``). Weights that are
     HDF5 but do not fit the layers are found at the first load instead (the study's ``infer``
-    stage fails with the same ``corrupt model file`` message). SavedModel directories are
-    checked for ``saved_model.pb`` only; TensorFlow checks the rest when it loads them.
+    stage fails with the same ``corrupt model file`` message). A legacy ``.h5`` file is checked
+    for its HDF5 signature and a SavedModel directory for ``saved_model.pb`` only; TensorFlow
+    checks the rest of them when it loads them.
 
     Raises
     ------
