@@ -6,7 +6,8 @@ The study's earlier stages (ingest, filter, segment, infer) run once, through
 report stage starts; each timed repeat then runs ``report_study`` on a fresh copy of it (the
 copy is not timed). Printed: wall and CPU seconds of each repeat (the stage runs in this one
 process and thread), and the split of the best one by part (functions of ``medpipe.report``
-and ``medpipe.publish`` timed in place; nested parts are inside their parents' figures).
+and ``medpipe.publish`` timed in place, CPU seconds; nested parts are inside their parents'
+figures).
 
 Usage::
 
@@ -45,9 +46,10 @@ PARTS = [
     ("medpipe.report.dicom", "_prepare"),
     ("medpipe.report.dicom", "build_seg"),
     ("medpipe.report.dicom", "build_sr"),
-    ("medpipe.report.dicom", "deidentify"),
+    ("medpipe.report.dicom", "deidentified_bytes"),
     ("medpipe.report.dicom", "_encode"),
     ("medpipe.report.study", "render_study_html"),
+    ("medpipe.report.html", "study_figures"),
     ("medpipe.publish", "verify_study"),
     ("medpipe.study", "publish_study"),
 ]
@@ -94,7 +96,8 @@ def _context(plan: dict[str, Any], archive: Path, out: Path, cfg: Any) -> Any:
 
 
 class Split:
-    """Wall seconds spent in each of :data:`PARTS`, by wrapping them in their modules."""
+    """CPU seconds (this process, all threads) spent in each of :data:`PARTS`, by wrapping them
+    in their modules: on a shared machine they vary less than wall seconds."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -107,11 +110,11 @@ class Split:
     def _wrap(self, label: str, fn: Any) -> Any:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[label] += time.perf_counter() - t0
+                self.seconds[label] += time.process_time() - t0
                 self.calls[label] += 1
         return timed
 
@@ -179,8 +182,8 @@ def main() -> None:
               f"files {entry.files}")
         for n, (wall, cpu, _, _) in enumerate(runs, 1):
             print(f"  repeat {n}: {wall:6.2f} s wall, {cpu:6.2f} CPU-s")
-        wall, cpu, parts, calls = min(runs)
-        print(f"best: {wall:.2f} s wall, {cpu:.2f} CPU-s; split (wall s, calls):")
+        wall, cpu, parts, calls = min(runs, key=lambda r: r[1])
+        print(f"best: {wall:.2f} s wall, {cpu:.2f} CPU-s; split (CPU-s, calls):")
         for label, s in sorted(parts.items(), key=lambda kv: -kv[1]):
             print(f"  {label:32s} {s:6.2f}  x{calls[label]}")
         if args.profile:

@@ -251,14 +251,29 @@ def uids_for(record: dict[str, Any], sources: list[pydicom.Dataset]) -> UidFor:
 
 
 def _derive_dimension_uids(ds: pydicom.Dataset, uid_for: UidFor, kind: str) -> None:
-    """Replace the DimensionOrganizationUIDs highdicom makes at random by derived ones."""
+    """Replace the DimensionOrganizationUIDs highdicom makes at random by derived ones.
+
+    They live in the dimension sequences; the per-frame functional groups (thousands of items,
+    none of them with one) are not walked.
+    """
     mapping: dict[str, str] = {}
 
     def visit(_: pydicom.Dataset, elem: pydicom.DataElement) -> None:
-        if elem.keyword == "DimensionOrganizationUID" and elem.value:
+        if elem.tag == _DIMENSION_ORGANIZATION_UID and elem.value:
             elem.value = mapping.setdefault(str(elem.value), uid_for(f"{kind}/dimension/{len(mapping)}"))
 
-    ds.walk(visit)
+    for elem in ds:  # in tag order, as Dataset.walk
+        if elem.tag == _PER_FRAME_GROUPS:
+            continue
+        if elem.VR == "SQ":
+            for item in elem.value:
+                item.walk(visit)
+        else:
+            visit(ds, elem)
+
+
+_DIMENSION_ORGANIZATION_UID = pydicom.datadict.tag_for_keyword("DimensionOrganizationUID")
+_PER_FRAME_GROUPS = pydicom.datadict.tag_for_keyword("PerFrameFunctionalGroupsSequence")
 
 
 def _code_item(code: Any) -> pydicom.Dataset:
@@ -434,9 +449,13 @@ def _encode(ds: pydicom.Dataset) -> bytes:
 
 
 def seg_frames(labels: np.ndarray, match: SourceFrames) -> np.ndarray:
-    """The label image as one frame per source frame, in the source's row and column order."""
-    empty = np.zeros(labels.shape[1:], labels.dtype)
-    frames = np.stack([labels[k] if k is not None else empty for k in match.slices])
+    """The label image as one frame per source frame, in the source's row and column order
+    (``labels`` itself where those are the volume's slices in order, unflipped)."""
+    if list(match.slices) == list(range(labels.shape[0])):
+        frames = labels
+    else:
+        empty = np.zeros(labels.shape[1:], labels.dtype)
+        frames = np.stack([labels[k] if k is not None else empty for k in match.slices])
     if match.flips[0]:
         frames = frames[:, ::-1, :]
     if match.flips[1]:
@@ -471,7 +490,7 @@ def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], me
     if not values:
         raise ValueError("the segmentation has no labels besides background")
     seg_number = {v: i + 1 for i, v in enumerate(values)}
-    lut = np.zeros(max(int(labels.max()), max(values)) + 1, np.uint16)
+    lut = np.zeros(max(int(labels.max()), max(values)) + 1, np.uint8 if len(values) < 256 else np.uint16)
     for v, s in seg_number.items():
         lut[v] = s
     frames = seg_frames(lut[labels], match)
@@ -654,13 +673,14 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
 
 
 def _prepare(sources: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """Copies of the source headers fit for highdicom to copy into SEG, SR and the report image.
+    """The source headers made fit for highdicom to copy into SEG, SR and the report image, in
+    place (they are read for this alone).
 
     Type 2 attributes present; unit direction cosines and valid positions; a de-identification
     method wherever identity is marked removed. The identity stays (de-identification is done
     on the made objects, so that one build serves the PACS and OUT).
     """
-    return [with_deid_method(normalise_geometry(with_type2(copy.deepcopy(ds)))) for ds in sources]
+    return [with_deid_method(normalise_geometry(with_type2(ds))) for ds in sources]
 
 
 def _object(kind: str, file: str | None, reason: str | None) -> dict[str, Any]:

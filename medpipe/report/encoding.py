@@ -45,6 +45,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
 
 __all__ = ["Edit", "encode_dataset"]
 
@@ -58,6 +59,7 @@ _ITEM = struct.pack("<HH", 0xFFFE, 0xE000)
 _ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
 _SEQUENCE_END = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
 _FP_ENCODING = (False, True)  # (implicit VR, little endian) of explicit VR little endian
+_ASCII = "ISO_IR 6"
 _NO_CACHE_BYTES = 1024  # longer byte values (pixel data) are encoded directly, not remembered
 
 
@@ -207,7 +209,9 @@ class _Encoder:
     def _encode_leaf(elem: Any, encoding: Any) -> bytes:
         fp = DicomBytesIO()
         fp.is_little_endian, fp.is_implicit_VR = True, False
-        write_data_element(fp, elem, encoding)
+        # Only text VRs use the character set; pydicom looks it up for every element anyway
+        # (slowly for a Python codec name such as its default), so the others get a plain term.
+        write_data_element(fp, elem, encoding if elem.VR in CUSTOMIZABLE_CHARSET_VR else _ASCII)
         return fp.getvalue()
 
     def sequence(self, elem: Any, encoding: Any) -> bytes:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import zarr
 from PIL import Image
@@ -179,16 +180,28 @@ def _saliency(study_dir: Path, record: dict[str, Any], max_px: int) -> tuple[lis
     return figs, problems
 
 
-def _key_slice_indices(vol: _Volume, names: dict[int, str], record: dict[str, Any], n0: int) -> list[tuple[int, str]]:
-    """Up to three slices (level coordinates) worth showing, each with why."""
+def _key_slice_indices(vol: _Volume, names: dict[int, str], record: dict[str, Any], n0: int,
+                       coarse: _Volume | None = None) -> list[tuple[int, str]]:
+    """Up to three slices (level coordinates) worth showing, each with why.
+
+    The largest lesion cross-section is looked for on ``coarse`` (a coarser level, read whole
+    cheaply), then among the slices of ``vol`` inside the coarse slice found.
+    """
     nz = vol.shape[0]
     picks: list[tuple[int, str]] = []
-    if vol.labels is not None:
+    search = coarse if coarse is not None and coarse.labels is not None else vol
+    if vol.labels is not None and search.labels is not None:
         lesion = [v for v, n in names.items() if _is_lesion(n)]
         if lesion:
-            area = np.asarray(vol.labels.map_blocks(np.isin, lesion, dtype=bool).sum(axis=(1, 2)).compute())
+            area = np.asarray(search.labels.map_blocks(np.isin, lesion, dtype=bool).sum(axis=(1, 2)).compute())
             if area.max() > 0:
-                picks.append((int(area.argmax()), "largest lesion cross-section"))
+                z = int(area.argmax())
+                if search is not vol:  # the fine slices inside the coarse one
+                    lo = z * nz // search.shape[0]
+                    hi = max(lo + 1, min(nz, (z + 1) * nz // search.shape[0]))
+                    fine = np.isin(np.asarray(vol.labels[lo:hi]), lesion).sum(axis=(1, 2))
+                    z = lo + int(fine.argmax())
+                picks.append((z, "largest lesion cross-section"))
     scores = ((record.get("model") or {}).get("outputs") or {}).get("slice_scores") or []
     valid = [(s, i) for i, s in enumerate(scores) if isinstance(s, (int, float))]
     if valid:
@@ -256,7 +269,11 @@ def _image_figures(image_path: Path, record: dict[str, Any], figs: StudyFigures,
         return min(n0, int((z + 0.5) * n0 / vol.shape[0]) + 1)
 
     flip = _superior_up(meta.affine)
-    picks = _key_slice_indices(vol, names, record, n0)
+    # Views through the whole volume (coronal, sagittal, projections) and the lesion search read
+    # a coarse level: at the fine one, each would read and decompress every chunk of the volume.
+    mlevel = choose_level(image_path, min(max_px, 256))
+    mvol = vol if mlevel == level else _Volume(image_path, mlevel)
+    picks = _key_slice_indices(vol, names, record, n0, coarse=mvol)
     for z, why in picks:
         img, lab = vol.plane(0, z)
         f = render(img, lab, (sy, sx), False)
@@ -273,22 +290,28 @@ def _image_figures(image_path: Path, record: dict[str, Any], figs: StudyFigures,
         if mask.any():
             cy, cx = ndi.center_of_mass(mask)
             centre, why = [z, int(round(cy)), int(round(cx))], "through the largest lesion"
-    for axis, name, sp in ((0, "Axial", (sy, sx)), (1, "Coronal", (sz, sx)), (2, "Sagittal", (sz, sy))):
-        img, lab = vol.plane(axis, centre[axis])
+    msz, msy, msx = (meta.spacing[i] * meta.shape[i] / mvol.shape[i] for i in range(3))
+    for axis, name, sp, msp in ((0, "Axial", (sy, sx), None), (1, "Coronal", (sz, sx), (msz, msx)),
+                                (2, "Sagittal", (sz, sy), (msz, msy))):
+        if axis == 0:
+            img, lab = vol.plane(axis, centre[axis])
+        else:  # the coarse level's plane through the same point
+            sp = msp
+            img, lab = mvol.plane(axis, centre[axis] * mvol.shape[axis] // vol.shape[axis])
         f = render(img, lab, sp, flip and axis > 0, target=300)
         f.title, f.caption = name, why
         figs.orthogonal.append(f)
 
-    # Maximum intensity projections on a coarse level (whole volume read, so keep it small).
-    mlevel = choose_level(image_path, min(max_px, 256))
-    mvol = vol if mlevel == level else _Volume(image_path, mlevel)
-    msz, msy, msx = (meta.spacing[i] * meta.shape[i] / mvol.shape[i] for i in range(3))
+    # Maximum intensity projections on the coarse level (whole volume read, so keep it small),
+    # all of them in one pass over its chunks.
+    axes = range(3)
+    outlined = mvol.labels is not None and lesion
+    lesion_mask = mvol.labels.map_blocks(np.isin, lesion, dtype=bool) if outlined else None
+    projections = dask.compute(*[mvol.image.max(axis=a) for a in axes],
+                               *([lesion_mask.any(axis=a) for a in axes] if outlined else []))
     for axis, name, sp in ((0, "Axial MIP", (msy, msx)), (1, "Coronal MIP", (msz, msx)), (2, "Sagittal MIP", (msz, msy))):
-        mip = np.asarray(mvol.image.max(axis=axis).compute())
-        lab = None
-        if mvol.labels is not None and lesion:
-            lab = np.asarray(mvol.labels.map_blocks(np.isin, lesion, dtype=bool).any(axis=axis).compute())
-            lab = np.where(lab, lesion[0], 0)
+        mip = np.asarray(projections[axis])
+        lab = np.where(np.asarray(projections[3 + axis]), lesion[0], 0) if outlined else None
         rgb = overlay(to_gray(mip, window if modality != "CT" else (-200.0, 1200.0)), lab, colors, alpha=0.5)
         if flip and axis > 0:
             rgb = rgb[::-1]
