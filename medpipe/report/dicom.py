@@ -566,6 +566,47 @@ def share_frame_geometry(ds: pydicom.Dataset) -> pydicom.Dataset:
     return ds
 
 
+def referenced_segments(seg: Any, numbers: list[int]) -> dict[int, Any]:
+    """The SR's reference to segments ``numbers`` of ``seg`` (segment number to
+    ``highdicom.sr.ReferencedSegment``), as :func:`referenced_segment` makes them one by one.
+
+    One pass over the per-frame groups finds the source images of every segment, and each
+    source image's content item is made once and shared by the segments that show it (a SEG
+    has a frame per segment and slice: the references of all segments are several times the
+    source images). Segments whose frames name no source image are left to
+    :func:`referenced_segment`. Tests compare the result with highdicom's
+    ``ReferencedSegment.from_segmentation``.
+    """
+    import highdicom as hd
+
+    images: dict[int, dict[str, Any]] = {n: {} for n in numbers}
+    made: dict[tuple[Any, ...], Any] = {}
+    for frame in seg.get("PerFrameFunctionalGroupsSequence") or []:
+        ident_seq = frame.get("SegmentIdentificationSequence")
+        if not ident_seq:
+            break  # one segment, identified in the shared groups: referenced_segment's way
+        refs = images.get(int(ident_seq[0].ReferencedSegmentNumber))
+        if refs is None:
+            continue
+        for derivation in frame.get("DerivationImageSequence") or []:
+            for src in derivation.get("SourceImageSequence") or []:
+                uid = src.ReferencedSOPInstanceUID
+                if uid in refs:
+                    continue
+                frames = src.get("ReferencedFrameNumber")
+                if frames is not None and src["ReferencedFrameNumber"].VM == 1:
+                    frames = [frames]
+                key = (src.ReferencedSOPClassUID, uid, tuple(frames) if frames is not None else None)
+                if key not in made:
+                    made[key] = hd.sr.SourceImageForSegmentation(
+                        referenced_sop_class_uid=key[0], referenced_sop_instance_uid=uid,
+                        referenced_frame_numbers=frames)
+                refs[uid] = made[key]
+    return {n: hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                                       segment_number=n, source_images=list(images[n].values()))
+            if images.get(n) else referenced_segment(seg, n) for n in numbers}
+
+
 def referenced_segment(seg: Any, number: int) -> Any:
     """The SR's reference to one segment of ``seg``.
 
@@ -644,6 +685,9 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
             finding_type=finding, algorithm_id=model_id,
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=value)]))
     algorithm = hd.sr.AlgorithmIdentification(name="medpipe", version=__version__)
+    measured = [seg_number[int(m["label"])] for m in (record.get("segmentation") or {}).get("measurements") or []
+                if int(m["label"]) in seg_number]
+    segments = referenced_segments(seg, measured) if seg is not None else {}
     for m in (record.get("segmentation") or {}).get("measurements") or []:
         v = int(m["label"])
         category, kind = property_codes(m["name"])
@@ -653,7 +697,7 @@ def build_sr(sources: list[pydicom.Dataset], seg: Any | None, seg_number: dict[i
                                             identifier=f"label {v}: {m['name']}"[:64])
         if seg is not None and v in seg_number:
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking, referenced_segment=referenced_segment(seg, seg_number[v]),
+                tracking_identifier=tracking, referenced_segment=segments[seg_number[v]],
                 finding_type=kind, finding_category=category, measurements=[measurement]))
         else:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(

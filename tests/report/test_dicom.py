@@ -173,3 +173,20 @@ def test_destinations_may_get_the_deidentified_form(study, tmp_path):
     assert path.name == "sr.dcm" and ds.PatientIdentityRemoved == "YES" and "Doe" not in _identity_text(ds)
     assert ds.StudyInstanceUID == remap_uid(study.study_uid, key)
     assert sent.reasons == {"seg": "not in send.objects", "report": "not in send.objects"}
+
+
+def test_referenced_segments_equal_highdicom_s(study):
+    """The SR's segment references made in one pass (source image items shared between
+    segments) are highdicom's from_segmentation ones, segment by segment."""
+    from medpipe.report import dicom
+    from medpipe.report.record import jsonable
+
+    record = jsonable(assemble_record(study.study_dir.name, study.stages, study.timings, study.provenance))
+    seg = dicom.make_objects(study.study_dir, record, study.files, {"sr": "off", "report": "off"}).datasets["seg"]
+    numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
+    mine = dicom.referenced_segments(seg, numbers)
+    assert sorted(mine) == numbers and len(mine) > 1
+    for number, ref in mine.items():
+        theirs = hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
+        assert ref == theirs, number
+        assert len(ref) == len(theirs) > 2  # the segment, its SEG and its source images
