@@ -17,6 +17,9 @@ alone on the whole volume in this process, one thread (SciPy's column repeats th
 row's); ``ct_tissues`` (``--only ct_tissues``, or all) segments a CT phantom of ``--shape``
 (``medpipe.phantom.ct_phantom``, float32 HU) on the whole NumPy volume in this process
 (SciPy's column) and on the cluster (medpipe's column); dask-image has neither ("-").
+``rim kernel`` and ``label stats kernel`` (``--only kernels``) are the segment stage's slab
+kernels (``medpipe.ops.ct_slabs.rim_in_plane``, ``medpipe.ops.measure.small_label_stats``)
+alone on the whole volume in this process, against SciPy's erosion and measurement functions.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=(320, 512, 512))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--only", nargs="+", choices=["gaussian", "median", "label", "fill_holes", "ct_tissues"],
+    p.add_argument("--only", nargs="+", choices=["gaussian", "median", "label", "fill_holes", "ct_tissues", "kernels"],
                    help="time only these operators (default: all)")
     args = p.parse_args()
 
@@ -108,6 +111,31 @@ def main() -> None:
              our_label,
              dask_image_label),
         ]
+        if want("kernels"):
+            # The segment stage's slab kernels alone, one thread, whole volume in this process:
+            # the lungs' hull rim by four shifted comparisons against SciPy's erosion, and the
+            # statistics of few labels against an integer image by a (label, value) histogram
+            # against SciPy's measurement functions for the same figures.
+            from medpipe.ops.ct_slabs import rim_in_plane
+            from medpipe.ops.measure import small_label_stats
+            from medpipe.ops.morphology import IN_PLANE
+
+            classes = np.clip(vol * 2 + 3, 0, 6).astype(np.uint8)
+            hu = (vol * 300).astype(np.int16)
+            index = np.arange(1, 7)
+
+            def scipy_stats():
+                for a in (hu, hu.astype(np.float64) ** 2):
+                    ndi.sum_labels(a, classes, index)
+                ndi.center_of_mass(classes > 0, classes, index)
+                ndi.find_objects(classes)
+
+            cases += [
+                ("rim kernel", mask, lambda a: a & ~ndi.binary_erosion(a, structure=IN_PLANE),
+                 lambda x: rim_in_plane(mask), None),
+                ("label stats kernel", classes, lambda a: scipy_stats(),
+                 lambda x: small_label_stats(classes, hu, 6, (0, 0, 0)), None),
+            ]
         if want("fill_holes"):
             # In-plane hole filling (each z-slice in 2-D, as body_mask does): SciPy slice by
             # slice on the whole volume; medpipe block by block on whole-slice chunks.
@@ -128,7 +156,8 @@ def main() -> None:
                           None))
         if args.only:
             cases = [c for c in cases if c[0].split()[0] in args.only
-                     or (c[0].startswith("median3") and "median" in args.only)]
+                     or (c[0].startswith("median3") and "median" in args.only)
+                     or (c[0] in ("rim kernel", "label stats kernel") and "kernels" in args.only)]
         small = tuple(min(16, n) for n in shape)
         for _, data, _, ours, theirs in cases:  # warm-up: worker imports, first-call costs
             for impl in (ours, theirs) if theirs is not None else ():

@@ -81,6 +81,14 @@ class RssSampler:
         self._thread.join()
 
 
+def _cpu(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of the processes ``pids`` so far."""
+    import psutil
+
+    times = [psutil.Process(p).cpu_times() for p in pids]
+    return sum(t.user for t in times), sum(t.system for t in times)
+
+
 def _task_seconds(stream: list[dict]) -> str:
     """Seconds of compute per task-name prefix, largest first."""
     import re
@@ -127,6 +135,7 @@ def main() -> None:
         for rep in range(args.repeat):
             for name, func in (("filter", filter_study), ("segment", segment_study)):
                 client.run(lambda: __import__("gc").collect())
+                cpu0 = _cpu(pids)
                 with RssSampler(pids) as rss:
                     t0 = time.perf_counter()
                     client.get_task_stream()  # start recording (cleared per stage below)
@@ -136,10 +145,12 @@ def main() -> None:
                     else:
                         out = client.submit(in_worker, func, staging, "CT", cfg, pure=False).result()
                     wall = time.perf_counter() - t0
+                user, system = (b - a for a, b in zip(cpu0, _cpu(pids)))
                 peaks = " ".join(f"{v / 2**20:.0f}" for v in rss.peak.values())
                 extra = f" labels {len(out['measurements'])}, candidates {len(out['lesion_candidates'])}" \
                     if name == "segment" else ""
-                print(f"run {rep + 1} {name:8s} {wall:6.2f} s wall, worker peak RSS {peaks} MiB{extra}", flush=True)
+                print(f"run {rep + 1} {name:8s} {wall:6.2f} s wall, workers' CPU {user:5.2f} user + {system:5.2f} system s, "
+                      f"worker peak RSS {peaks} MiB{extra}", flush=True)
                 if args.tasks:
                     print("   task seconds: " + _task_seconds(client.get_task_stream(start=t0)))
     shutil.rmtree(args.work / "dask-worker-space", ignore_errors=True)
