@@ -128,6 +128,7 @@ class _Volume:
     def __init__(self, image_path: Path, level: int):
         self.image = omezarr.read_image(image_path, level)
         self.shape = tuple(self.image.shape)
+        self._planes: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
         try:
             self.labels = omezarr.read_labels(image_path, level=level)
             self.labels = self.labels[tuple(slice(0, n) for n in self.shape)]
@@ -137,11 +138,14 @@ class _Volume:
             self.labels = None
 
     def plane(self, axis: int, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        sl = [slice(None)] * 3
-        sl[axis] = int(np.clip(index, 0, self.shape[axis] - 1))
-        img = np.asarray(self.image[tuple(sl)])
-        lab = None if self.labels is None else np.asarray(self.labels[tuple(sl)])
-        return img, lab
+        """The image and labels of one plane (read once: several figures show the same slice)."""
+        index = int(np.clip(index, 0, self.shape[axis] - 1))
+        if (axis, index) not in self._planes:
+            sl: list[Any] = [slice(None)] * 3
+            sl[axis] = index
+            img, lab = dask.compute(self.image[tuple(sl)], None if self.labels is None else self.labels[tuple(sl)])
+            self._planes[(axis, index)] = (np.asarray(img), None if lab is None else np.asarray(lab))
+        return self._planes[(axis, index)]
 
 
 def _is_lesion(name: str) -> bool:
@@ -247,8 +251,8 @@ def _image_figures(image_path: Path, record: dict[str, Any], figs: StudyFigures,
         colors = label_colors(image_path) if vol.labels is not None else {}
     except Exception:
         names, colors = {}, {}
-    mid_img, _ = vol.plane(0, vol.shape[0] // 2)
-    window = display_range(mid_img, modality)
+    # CT has a fixed window; other modalities a range from the middle slice
+    window = CT_WINDOW if modality == "CT" else display_range(vol.plane(0, vol.shape[0] // 2)[0], modality)
     figs.window = (f"W {window[1] - window[0]:.0f} / L {(window[0] + window[1]) / 2:.0f} HU" if modality == "CT"
                    else f"{window[0]:.4g} to {window[1]:.4g} (1st to 99.5th percentile)")
     present = set()
