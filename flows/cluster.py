@@ -13,7 +13,10 @@ The process that runs the flow is tied the same way to a ``medpipe serve`` that 
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect_dask import DaskTaskRunner
@@ -27,38 +30,71 @@ def cluster_kind(cfg: ClusterConfig) -> str:
     return "address" if cfg.address else cfg.kind
 
 
-def task_runner(cfg: ClusterConfig) -> DaskTaskRunner:
-    """A DaskTaskRunner for the configured cluster.
+# Imported by every local worker process as it starts (distributed's ``preload``): the stages'
+# modules load while the run starts (beside the Prefect server), not in the first study.
+WORKER_PRELOAD = "flows.worker_preload"
+
+
+def local_cluster_spec(cfg: ClusterConfig) -> tuple[str, dict[str, Any]] | None:
+    """The class and keyword arguments of the cluster a run starts itself (None for ``address``).
 
     - ``local``: a ``distributed.LocalCluster`` of ``workers`` processes (one thread each by
       default: scipy.ndimage releases the GIL, but TensorFlow and Blosc bring threads of their own).
     - ``cuda``: dask-cuda's ``LocalCUDACluster``, one worker per visible GPU, an RMM pool of half
       of each card for CuPy, and a ``GPU=1`` resource per worker so that GPU stages never share a card.
-    - ``address``: an existing scheduler (``dask scheduler`` + ``dask worker``/``dask cuda worker``).
     """
-    exit_with_parent()  # a run served by `medpipe serve` ends with it, and so does its cluster
     kind = cluster_kind(cfg)
     if kind == "address":
-        if not cfg.address:
-            raise ValueError("cluster.kind is 'address' but no cluster.address (tcp://HOST:PORT) is set")
-        return DaskTaskRunner(address=cfg.address)
+        return None
     # Worker processes inherit the environment: keep TF quiet and each worker to its own cores.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     common: dict[str, Any] = {
         "threads_per_worker": cfg.threads_per_worker,
         "dashboard_address": "127.0.0.1:0" if cfg.dashboard else None,
+        "preload": [WORKER_PRELOAD],
     }
     if cfg.memory_limit != "auto":
         common["memory_limit"] = cfg.memory_limit
     if kind == "cuda":
-        return DaskTaskRunner(
-            cluster_class="dask_cuda.LocalCUDACluster",
-            cluster_kwargs={**common, "rmm_pool_size": 0.5, "resources": {"GPU": 1}},
-        )
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={**common, "n_workers": cfg.workers, "processes": True, "host": "127.0.0.1"},
-    )
+        return "dask_cuda.LocalCUDACluster", {**common, "rmm_pool_size": 0.5, "resources": {"GPU": 1}}
+    return "distributed.LocalCluster", {**common, "n_workers": cfg.workers, "processes": True, "host": "127.0.0.1"}
+
+
+@contextmanager
+def started_cluster(cfg: ClusterConfig) -> Iterator[str | None]:
+    """Start the cluster of :func:`local_cluster_spec`; yield its scheduler's address; close it on exit.
+
+    ``medpipe run`` starts it while its Prefect server starts, and gives the flow the address.
+    Yields None for ``address`` (the flow connects to that scheduler itself).
+
+    >>> with started_cluster(cfg.cluster) as address:   # doctest: +SKIP
+    ...     process_archive(archive, out, dask_address=address)
+    """
+    spec = local_cluster_spec(cfg)
+    if spec is None:
+        yield None
+        return
+    path, kwargs = spec
+    module, _, name = path.rpartition(".")
+    cluster = getattr(importlib.import_module(module), name)(**kwargs)
+    try:
+        yield cluster.scheduler_address
+    finally:
+        cluster.close()
+
+
+def task_runner(cfg: ClusterConfig) -> DaskTaskRunner:
+    """A DaskTaskRunner for the configured cluster: the one of :func:`local_cluster_spec`, started
+    with the flow, or for ``address`` an existing scheduler (``dask scheduler`` + ``dask
+    worker``/``dask cuda worker``)."""
+    exit_with_parent()  # a run served by `medpipe serve` ends with it, and so does its cluster
+    spec = local_cluster_spec(cfg)
+    if spec is None:
+        if not cfg.address:
+            raise ValueError("cluster.kind is 'address' but no cluster.address (tcp://HOST:PORT) is set")
+        return DaskTaskRunner(address=cfg.address)
+    cluster_class, cluster_kwargs = spec
+    return DaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=cluster_kwargs)
 
 
 def gpu_annotations(cfg: ClusterConfig) -> dict[str, Any]:

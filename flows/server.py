@@ -199,7 +199,7 @@ def exit_with_parent(poll_s: float = 0.5) -> bool:
 @contextmanager
 def prefect_server(home: Path | None = None, *, ui: bool = False, port: int | None = None,
                    log_file: Path | None = None, auth: str | None = None, keep_database: bool = False,
-                   pass_fds: tuple[int, ...] = ()) -> Iterator[str]:
+                   pass_fds: tuple[int, ...] = (), meanwhile: Callable[[], object] | None = None) -> Iterator[str]:
     """Start ``prefect server start`` on loopback with basic auth; yield its API URL; stop it on exit.
 
     ``auth`` is the ``user:password`` string the server requires (default :func:`auth_string` of
@@ -207,7 +207,9 @@ def prefect_server(home: Path | None = None, *, ui: bool = False, port: int | No
     ``keep_database``: ``home`` is kept between runs (see the module's docstring): old flow runs
     are vacuumed, an oversized database is started afresh, and a database the server cannot start
     on is moved aside once and the server started again on a fresh one. ``pass_fds`` are
-    inherited by the server (a slot's lock, held until the server is gone).
+    inherited by the server (a slot's lock, held until the server is gone). ``meanwhile`` is
+    called once the server process is started, before waiting for it to answer: what the caller
+    starts there (imports, its Dask cluster) overlaps the server's start.
     """
     own_home = home is None
     home = private_dir(Path(home or tempfile.mkdtemp(prefix="medpipe-prefect-")))
@@ -231,7 +233,7 @@ def prefect_server(home: Path | None = None, *, ui: bool = False, port: int | No
     out = open(log_file, "ab")
     try:
         try:
-            proc, api_url = _serve(home, env, out, ui, port, pass_fds)
+            proc, api_url = _serve(home, env, out, ui, port, pass_fds, meanwhile)
         except RuntimeError as exc:  # it exited while starting
             if not keep_database or not _database_files(home):
                 raise
@@ -251,8 +253,9 @@ def prefect_server(home: Path | None = None, *, ui: bool = False, port: int | No
 
 
 def _serve(home: Path, env: dict[str, str], out, ui: bool, port: int | None,
-           pass_fds: tuple[int, ...]) -> tuple[subprocess.Popen, str]:
-    """Start the server and wait until it is healthy; stop it and raise if it is not."""
+           pass_fds: tuple[int, ...], meanwhile: Callable[[], object] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start the server, call ``meanwhile``, and wait until the server is healthy; stop it and
+    raise if it is not (or if ``meanwhile`` raised)."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     if not ui:
@@ -260,6 +263,8 @@ def _serve(home: Path, env: dict[str, str], out, ui: bool, port: int | None,
     proc = _start(cmd, {**env, "PREFECT_SERVER_API_PORT": str(port)}, out, pass_fds)
     api_url = f"http://127.0.0.1:{port}/api"
     try:
+        if meanwhile is not None:
+            meanwhile()
         wait_healthy(api_url, proc=proc)
     except BaseException:
         _stop(proc)
@@ -381,17 +386,21 @@ def client_auth(api_url: str, auth: str) -> Iterator[None]:
 
 
 @contextmanager
-def prefect_api(home: Path | None = None, *, ui: bool = False) -> Iterator[str]:
+def prefect_api(home: Path | None = None, *, ui: bool = False,
+                meanwhile: Callable[[], object] | None = None) -> Iterator[str]:
     """Yield a Prefect API URL: the configured one, or an embedded server's.
 
     With ``PREFECT_API_URL`` set, that server is used as it is (with ``PREFECT_API_AUTH_STRING``
     if it needs one). Otherwise an embedded server starts with basic auth; its URL and auth
     string are set for this process and every process it spawns (see :func:`client_auth`).
     Without ``home``, the server keeps its database in a free slot of :func:`run_home` (fast to
-    start), or in a temporary folder when none is free.
+    start), or in a temporary folder when none is free. ``meanwhile`` is called while the server
+    starts (see :func:`prefect_server`; at once with a configured API).
     """
     existing = os.environ.get("PREFECT_API_URL")
     if existing:
+        if meanwhile is not None:
+            meanwhile()
         yield existing
         return
     with ExitStack() as stack:
@@ -403,19 +412,19 @@ def prefect_api(home: Path | None = None, *, ui: bool = False) -> Iterator[str]:
         try:
             auth = auth_string(home)
             with prefect_server(home, ui=ui, auth=auth, keep_database=kept,
-                                pass_fds=fds) as url, client_auth(url, auth):
+                                pass_fds=fds, meanwhile=meanwhile) as url, client_auth(url, auth):
                 log.info("Prefect API %s: its auth string is in %s", url, auth_string_file(home))
                 try:
                     yield url
                 finally:
-                    _flush_logs()
+                    flush_prefect_logs()
         finally:
             if own_home:
                 shutil.rmtree(home, ignore_errors=True)
 
 
-def _flush_logs() -> None:
-    """Send queued logs and events while the server still runs.
+def flush_prefect_logs(timeout: float = 15) -> None:
+    """Send the logs and events this process has queued for the Prefect API while the server still runs.
 
     Otherwise Prefect's background workers retry them against a closed port at interpreter
     exit, which holds the process for over a minute and prints connection errors.
@@ -425,6 +434,6 @@ def _flush_logs() -> None:
         from prefect.logging.handlers import APILogWorker
 
         for service in (APILogWorker, EventsWorker):
-            service.drain_all(timeout=15, at_exit=False)
+            service.drain_all(timeout=timeout, at_exit=False)
     except Exception as exc:  # losing a few log lines must not fail a finished run
         log.debug("could not flush Prefect logs: %s", exc)

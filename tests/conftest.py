@@ -36,7 +36,7 @@ def prefect_server_url(prefect_server_home: Path, prefect_auth: str) -> Iterator
     """API URL of a `prefect server start` (loopback, SQLite, UI on, basic auth) shared by the session."""
     from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
 
-    from flows.server import _flush_logs, prefect_server
+    from flows.server import flush_prefect_logs, prefect_server
 
     with prefect_server(prefect_server_home, ui=True, auth=prefect_auth) as url:
         try:
@@ -44,7 +44,7 @@ def prefect_server_url(prefect_server_home: Path, prefect_auth: str) -> Iterator
         finally:
             # Send this process's queued logs while the server still answers (with the auth string).
             with temporary_settings(updates={PREFECT_API_AUTH_STRING: prefect_auth}):
-                _flush_logs()
+                flush_prefect_logs()
 
 
 @pytest.fixture
