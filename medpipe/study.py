@@ -1,8 +1,8 @@
 """One study, start to finish: the unit of work of a run.
 
-:func:`process_study` runs a study's stages in order in the calling process: (fetch ->) ingest ->
-filter -> segment, ingest -> infer (one per model whose domain the study is in), then the report,
-which is written, verified and published. It returns a :class:`StudyEntry`, the study's line of
+:func:`process_study` runs a study's stages in the calling process: (fetch ->) ingest, then
+filter -> segment and beside them infer (one per model whose domain the study is in, in a thread
+of its own), then the report, which is written, verified and published. It returns a :class:`StudyEntry`, the study's line of
 ``run.json``. A stage's failure is data in that entry (``status`` failed, the error naming the
 stage), never an exception: every study that starts gets a report, and a failed result never
 replaces an intact published good one. Only a closed publishing gate (the run is stopping,
@@ -21,11 +21,13 @@ This module knows nothing of Prefect or Dask: progress reaches whoever runs it t
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -276,6 +278,7 @@ def process_study(plan: StudyPlan | dict[str, Any], ctx: StudyContext, progress:
     GateClosed
         The run is stopping: nothing of this study was published.
     """
+    t0 = time.perf_counter()
     plan = plan if isinstance(plan, StudyPlan) else StudyPlan.from_dict(plan)
     key, cfg, staging = plan.study_key, ctx.cfg, Path(ctx.staging)
     run_id = ctx.provenance.get("run_id")
@@ -300,14 +303,32 @@ def process_study(plan: StudyPlan | dict[str, Any], ctx: StudyContext, progress:
             ok = True
         ingest = runner.run("ingest", _timed(ingest_stage, plan, staging, cfg)) if ok else None
         if ingest is not None and ingest.ok:
-            modality = ingest.value["modality"]
+            _image_stages(runner, plan, staging, ingest.value["modality"], cfg)
+        entry = report_study(plan, runner.stages, ctx, progress, redactor)
+        if entry.timings:  # stages overlap (infer beside filter and segment): the study's wall time
+            entry.seconds = round(time.perf_counter() - t0, 3)
+        return entry
+    finally:
+        shutil.rmtree(fetched, ignore_errors=True)
+
+
+def _image_stages(runner: _Runner, plan: StudyPlan, staging: Path, modality: str, cfg: Config) -> None:
+    """filter -> segment, and beside them every model's ``infer`` (it reads only the ingested image).
+
+    Inference runs in a thread of its own: filter and segment spend much of their time waiting
+    on their chunk work on the cluster, and the model's start (its framework and weights) then
+    costs no time of the study. Its results join the study's in a fixed order.
+    """
+    inferred = _Runner(runner.key, cfg, runner.progress, runner.redactor)
+    with ThreadPoolExecutor(1, thread_name_prefix=f"infer-{runner.key}") as pool:
+        infer = pool.submit(contextvars.copy_context().run, _infer_all, inferred, plan, staging, modality, cfg)
+        try:
             filt = runner.run("filter", _timed(_ops("filter_study"), staging, modality, cfg))
             if filt.ok:
                 runner.run("segment", _timed(_ops("segment_study"), staging, modality, cfg))
-            _infer_all(runner, plan, staging, modality, cfg)
-        return report_study(plan, runner.stages, ctx, progress, redactor)
-    finally:
-        shutil.rmtree(fetched, ignore_errors=True)
+        finally:
+            infer.result()  # also when filter or segment raised: never a thread left behind
+    runner.stages.extend(inferred.stages)
 
 
 def _fetch(fetch: Fetch, plan: StudyPlan, folder: Path, incomplete: list[BaseException]) -> dict[str, Any]:
