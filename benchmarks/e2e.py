@@ -70,7 +70,7 @@ def write_studies(root: Path, n_studies: int, n_slices: int, size: int = 512) ->
     for s in range(n_studies):
         folder = root / f"patient{s:03d}" / "ct"
         write_series(vol, SPACING, folder, modality="CT", intercept=-1024.0, patient_id=f"E2E-{n_slices}-{s}",
-                     seed=1000 * n_slices + s, file_names=[f"{k:06d}" for k in range(n_slices)])
+                     seed=1000 * n_slices + s, file_names=[f"{k:06d}" for k in range(n_slices)], BodyPartExamined="CHEST")
         folders.append(folder)
     return folders
 

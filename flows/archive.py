@@ -11,14 +11,12 @@ a run triggered from the Prefect UI can choose its archive, output, configuratio
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -34,12 +32,10 @@ from prefect.futures import PrefectFuture
 from medpipe import __version__
 from medpipe.config import Config, deep_merge
 from medpipe.outputs import (
-    STATUSES,
     OutputLayout,
     OutputLockedError,
     clean_work,
     input_fingerprint,
-    new_run_id,
     now_iso,
     run_lock,
     versions,
@@ -50,8 +46,9 @@ from medpipe.report import run_markdown, run_table
 from medpipe.report.run import write_run_record
 from tasks import pacs as pacs_tasks
 from tasks import study as stages
+from medpipe.run_plan import ToDo, count, decide, models_fingerprint, models_identity, run_record
 from medpipe.study import StudyEntry, entry_for, published_entry, run_window
-from tasks.model import check_model, describe_models
+from tasks.model import check_model
 
 from . import progress
 from .cluster import gpu_annotations, task_runner
@@ -155,22 +152,10 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
     if not pacs and not Path(archive).is_dir():
         raise FileNotFoundError(f"{archive}: archive folder not found")
     layout = OutputLayout(Path(out))
-    run_id = new_run_id()
-    started, t0 = now_iso(), time.perf_counter()
-    run: dict[str, Any] = {
-        "run_id": run_id,
-        "started": started,
-        "finished": None,
-        "status": "running",
-        "versions": versions(),
-        "parameters": {"archive": archive, "out": out, "config": config,
-                       "config_fingerprint": cfg.fingerprint()},
-        "prefect": _prefect_ids(),
-        "dask": {"dashboard": _dashboard_link(logger)},
-        "counts": {},
-        "studies": [],
-        "issues": [],
-    }
+    t0 = time.perf_counter()
+    run = run_record(archive, out, cfg)
+    run_id = run["run_id"]
+    run["prefect"], run["dask"] = _prefect_ids(), {"dashboard": _dashboard_link(logger)}
     progress.emit("cluster", run["dask"])
     stop = StopRequest()
     with run_lock(Path(out)), stop.installed():
@@ -186,7 +171,7 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
             redactor = PathRedactor.for_output(out, files_root)
             # The skip decision needs the models' identities, not TensorFlow: a night with
             # nothing new never loads a model. The full check runs once before the first study.
-            model = describe_models(config) if cfg.model.enabled else None
+            model = models_identity(cfg)
             run["model"] = model
             record = _recorder(run["studies"], redactor, private)
             if pacs:
@@ -198,9 +183,9 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
                     run["issues"].append(public)
                     private.append(secret)
                 plans = found["plans"]
-            todo, skipped = _plan(plans, layout, cfg, model)
-            if todo and cfg.model.enabled:
-                run["model"] = check_model.submit(config).result()
+            todo, skipped = decide(plans, layout, cfg, model)
+            if todo and cfg.model.enabled:  # a bad model file stops the run before any study starts
+                run["model"] = check_model(config)
             for entry in skipped:
                 record(entry)
             progress.emit("planned", {"total": len(plans), "to_process": len(todo)})
@@ -221,8 +206,7 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
             close_gate(gate, remove=True)  # nothing of this run is published after this point
             run["finished"] = now_iso()
             run["seconds"] = round(time.perf_counter() - t0, 2)
-            run["studies"].sort(key=lambda e: e["study_key"])
-            run["counts"] = {s: sum(1 for st in run["studies"] if st["status"] == s) for s in STATUSES}
+            count(run)
             _record_run(out, run, private)
             # Keep this run's closed gate until its cluster is gone (tasks may still be running);
             # process_archive sweeps the rest then.
@@ -247,35 +231,6 @@ def _record_run(out: str, run: dict[str, Any], private: list[dict[str, Any]]) ->
         create_table_artifact(run_table(run), key="medpipe-studies", description="Studies of this run")
     except Exception as exc:  # the files are the record; the UI's copy may fail with the API
         log.warning("run summary artifacts not created: %s", exc)
-
-
-class _ToDo(NamedTuple):
-    """A study this run processes: its plan and the fingerprint of its inputs."""
-
-    plan: dict[str, Any]
-    fingerprint: str
-
-
-def _plan(plans: list[dict[str, Any]], layout: OutputLayout, cfg: Config,
-          model: dict[str, Any] | None) -> tuple[list[_ToDo], list[StudyEntry]]:
-    """The studies to process, and the entries of those skipped (no usable series, or unchanged
-    since their last successful run unless ``run.force``)."""
-    todo: list[_ToDo] = []
-    skipped: list[StudyEntry] = []
-    for plan in plans:
-        key = plan["study_key"]
-        fp = input_fingerprint(plan.get("fingerprint", ""), cfg.fingerprint(), _models_fingerprint(model))
-        if plan.get("skip_reason"):
-            skipped.append(entry_for(plan, layout.root, "skipped", reason=plan["skip_reason"]))
-            continue
-        done, damage = published_fingerprint(layout.study(key))
-        if not cfg.run.force and done == fp:
-            skipped.append(entry_for(plan, layout.root, "skipped", reason="unchanged since its last successful run"))
-            continue
-        if damage:
-            log.warning("study %s: published outputs damaged (%s); redoing it", key, "; ".join(damage))
-        todo.append(_ToDo(plan, fp))
-    return todo, skipped
 
 
 def _recorder(entries: list[dict[str, Any]], redactor: PathRedactor,
@@ -303,7 +258,7 @@ def _plan_pacs(config: dict[str, Any], out: str, cfg: Config, model: dict[str, A
     from medpipe.pacs import PacsAddress
 
     address = PacsAddress.parse(cfg.source.url or "")
-    models = _models_fingerprint(model)
+    models = models_fingerprint(model)
 
     def is_done(key: str, fingerprint: str) -> bool:  # published with these inputs: not counted against the cap
         done, _ = published_fingerprint(layout.study(key))
@@ -331,7 +286,7 @@ def _commit_window(out: str, pacs_plan: Any, run: dict[str, Any]) -> None:
     run["source"]["committed"] = True
 
 
-def _process(todo: list[_ToDo], run: dict[str, Any], out: str, cfg: Config, stop: StopRequest, gate: Path,
+def _process(todo: list[ToDo], run: dict[str, Any], out: str, cfg: Config, stop: StopRequest, gate: Path,
              record: Callable[[StudyEntry], None], files_root: str) -> None:
     """One ``process_study`` task per study, ``window_size`` in flight; record each entry.
 
@@ -351,13 +306,13 @@ def _process(todo: list[_ToDo], run: dict[str, Any], out: str, cfg: Config, stop
     bar = create_progress_artifact(0.0, key="medpipe-progress", description="Studies finished") if todo else None
     reported = 0
 
-    def submit(study: _ToDo) -> PrefectFuture:
+    def submit(study: ToDo) -> PrefectFuture:
         key = study.plan["study_key"]
         with _annotate(gpu):
             return task.submit(study.plan, str(layout.staging(run_id, key)), out, config,
                                {**provenance, "input_fingerprint": study.fingerprint}, files_root, str(gate))
 
-    def done(study: _ToDo, fut: PrefectFuture) -> None:
+    def done(study: ToDo, fut: PrefectFuture) -> None:
         nonlocal reported
         fut.wait()  # the final state comes with the Dask result; the API may still say RUNNING
         state = fut.state
@@ -380,16 +335,7 @@ def _process(todo: list[_ToDo], run: dict[str, Any], out: str, cfg: Config, stop
             record(_interrupted(study, out, started=False))
 
 
-def _models_fingerprint(model: dict[str, Any] | None) -> str | None:
-    """What a study's results depend on of the models: each one's file and domain (its card may
-    change what it applies to without a new file)."""
-    if not model:
-        return None
-    parts = [(m.get("sha256"), m.get("domain")) for m in model.get("models") or [model]]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _interrupted(study: _ToDo, out: str, *, started: bool) -> StudyEntry:
+def _interrupted(study: ToDo, out: str, *, started: bool) -> StudyEntry:
     """The entry of a study the stop caught: ``ok`` if this run published it, else ``interrupted``."""
     entry = published_entry(study.plan, out, study.fingerprint)
     if entry is not None:

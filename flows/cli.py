@@ -227,17 +227,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problem:
         print(f"medpipe: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    from flows.archive import process_archive
+    if not args.force and not is_pacs_url(str(args.archive)):
+        quiet = _nothing_new(args, cfg)
+        if quiet is not None:
+            return quiet
+    from contextlib import ExitStack
+
     from flows.server import prefect_api
 
     from .stopping import RunInterrupted
     from .terminal import RunDisplay
 
-    with RunDisplay() as display, prefect_api():
+    started: dict[str, Any] = {}
+    cluster = ExitStack()
+
+    def start_beside_server() -> None:  # what the run needs besides the server, while it starts
+        from flows.archive import process_archive
+        from flows.cluster import started_cluster
+
+        started["flow"] = process_archive
+        started["cluster"] = cluster.enter_context(started_cluster(cfg.cluster))
+
+    with RunDisplay() as display, cluster, prefect_api(meanwhile=start_beside_server), cluster:
+        # (the inner `cluster`: it closes before the server stops, so its workers' last logs reach it)
         display.note(f"Prefect API: {os.environ.get('PREFECT_API_URL')}")
         try:
-            run = process_archive(archive=str(args.archive), out=str(args.out),
-                                  config=cfg.model_dump(mode="json"), force=args.force)
+            run = started["flow"](archive=str(args.archive), out=str(args.out),
+                                  config=cfg.model_dump(mode="json"), force=args.force,
+                                  dask_address=started["cluster"])
         except RunInterrupted as exc:
             display.fail(f"run {exc}; run.json records what was done ({args.out / 'run.json'})")
             return exc.exit_status
@@ -247,6 +264,31 @@ def cmd_run(args: argparse.Namespace) -> int:
             usage, text = failure_message(exc)
             display.fail(text)
             return EXIT_USAGE if usage else EXIT_RUN_FAILED
+    display.summary(run, args.out)
+    return exit_code(run["studies"])
+
+
+def _nothing_new(args: argparse.Namespace, cfg: Any) -> int | None:
+    """A night with nothing new ends here, its record written, before any server or cluster starts
+    (:func:`medpipe.run_plan.nothing_new`); None when there is work (or anything to report: the
+    flow then runs and says it)."""
+    from medpipe.access import check_out_folder
+    from medpipe.errors import MedpipeError
+    from medpipe.run_plan import nothing_new
+
+    try:
+        check_out_folder(str(args.out), cfg.run.allowed_out_roots)
+        run = nothing_new(args.archive, args.out, cfg)
+    except (MedpipeError, OSError, ValueError) as exc:  # the flow reports it as a run's failure
+        logging.getLogger("medpipe").debug("no quick check of %s: %s", args.out, exc)
+        return None
+    if run is None:
+        return None
+    from .terminal import RunDisplay
+
+    with RunDisplay() as display:
+        display.note("nothing new: no study to process (each unchanged since its last successful run, or unusable; "
+                     "no cluster or Prefect flow started)")
     display.summary(run, args.out)
     return exit_code(run["studies"])
 

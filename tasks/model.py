@@ -38,7 +38,6 @@ def describe_models(config: dict[str, Any]) -> dict[str, Any] | None:
     ModelError
         A configured model file is missing or its card unreadable.
     """
-    from medpipe.inference.model import resolve_model
+    from medpipe.run_plan import models_identity
 
-    found = [resolve_model(m).to_dict() for m in Config.model_validate(config).inference_models() if m.enabled]
-    return {**found[0], "models": found} if found else None
+    return models_identity(Config.model_validate(config))

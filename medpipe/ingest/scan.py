@@ -434,12 +434,7 @@ def scan_archive(root: str | Path, cfg: IngestConfig | None = None,
         records, n_read = _read_all(paths, cfg), len(paths)
     else:
         paths, records, n_read = _scan_with_catalogue(root, cfg, Path(catalogue), walk_issues)
-    result = ScanResult(issues=walk_issues, n_files=len(paths), n_read=n_read)
-    for rec in records:
-        if isinstance(rec, Instance):
-            result.instances.append(rec)
-        elif rec.reason != "DICOMDIR index (ignored)":
-            result.issues.append(rec)
+    result = _result(paths, records, walk_issues, n_read)
     log.info("scanned %d files: %d instances, %d issues", len(paths), len(result.instances), len(result.issues))
     return result
 
@@ -458,12 +453,48 @@ def _read_all(paths: list[str], cfg: IngestConfig) -> list[Instance | FileIssue]
     return bag.compute(scheduler=scheduler) if scheduler else bag.compute()
 
 
-def _scan_with_catalogue(root: Path, cfg: IngestConfig, path: Path, walk_issues: list[FileIssue]
-                         ) -> tuple[list[str], list[Instance | FileIssue], int]:
-    """Walk and ``stat`` every file; read the headers of those the catalogue does not know as they are."""
+def scan_known(root: str | Path, cfg: IngestConfig, catalogue: str | Path) -> ScanResult | None:
+    """The scan of ``root`` from its catalogue alone, or None when a header must be read.
+
+    Every file is ``stat``ed as in :func:`scan_archive`; when every one is known to the catalogue
+    as it is (files may have gone), the result is the one :func:`scan_archive` would return.
+    A new or changed file gives None at once: this night has work, and discovery then runs on
+    the cluster.
+
+    >>> scan_known("archive", IngestConfig(), catalogue_path("out", "archive")) is None  # doctest: +SKIP
+    False
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    walk_issues: list[FileIssue] = []
+    scanned = _scan_with_catalogue(root, cfg, Path(catalogue), walk_issues, read=False)
+    if scanned is None:
+        return None
+    paths, records, _ = scanned
+    return _result(paths, records, walk_issues, 0)
+
+
+def _result(paths: list[str], records: list[Instance | FileIssue], walk_issues: list[FileIssue],
+            n_read: int) -> ScanResult:
+    result = ScanResult(issues=walk_issues, n_files=len(paths), n_read=n_read)
+    for rec in records:
+        if isinstance(rec, Instance):
+            result.instances.append(rec)
+        elif rec.reason != "DICOMDIR index (ignored)":
+            result.issues.append(rec)
+    return result
+
+
+def _scan_with_catalogue(root: Path, cfg: IngestConfig, path: Path, walk_issues: list[FileIssue],
+                         read: bool = True) -> tuple[list[str], list[Instance | FileIssue], int] | None:
+    """Walk and ``stat`` every file; read the headers of those the catalogue does not know as they are
+    (without ``read``: None as soon as there is one)."""
     from .catalogue import Catalogue, stat_key
 
     cat = Catalogue.load(path, root, cfg)
+    if not read and not cat.valid:
+        return None
     prefix = _folder_prefix(str(root), str(root))
     paths: list[str] = []
     records: list[Instance | FileIssue | None] = []
@@ -476,6 +507,8 @@ def _scan_with_catalogue(root: Path, cfg: IngestConfig, path: Path, walk_issues:
         paths.append(p)
         keys.append(key)
         records.append(cat.lookup(p[len(prefix):], key, p) if key is not None else None)
+        if not read and records[-1] is None:
+            return None
     todo = [i for i, rec in enumerate(records) if rec is None]
     for i, rec in zip(todo, _read_all([paths[i] for i in todo], cfg)):
         records[i] = rec
