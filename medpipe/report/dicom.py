@@ -788,7 +788,8 @@ def make_objects(study_dir: Path, record: dict[str, Any], source_files: list[str
     if reason is None:
         try:
             meta = omezarr.read_meta(image)
-            labels = np.asarray(omezarr.read_labels(image).compute())
+            # read in this thread, not as tasks of the run's cluster whose result is sent back
+            labels = np.asarray(omezarr.read_labels(image).compute(scheduler="sync"))
             names = {int(k): v for k, v in segmentation["labels"].items()} or omezarr.label_names(image)
             match = match_sources(ordered, meta.affine, meta.shape)
             seg, seg_number = build_seg(match, labels, names, segmentation.get("method"),

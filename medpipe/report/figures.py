@@ -232,7 +232,11 @@ def study_figures(study_dir: str | Path, record: dict[str, Any], max_px: int = 5
             figs.problems.append("image.zarr not found: no pictures of the image")
         return figs
     try:
-        _image_figures(image_path, record, figs, max_px)
+        # Read here, in this thread: the slices and the coarse level are small, and through the
+        # run's cluster (the default scheduler in a study task) each read would be tasks on
+        # other workers and arrays sent back.
+        with dask.config.set(scheduler="sync"):
+            _image_figures(image_path, record, figs, max_px)
     except Exception as exc:  # pictures are a convenience: never fail a report for them
         log.warning("report pictures of %s failed: %s", study_dir, exc)
         figs.problems.append(f"pictures of the image could not be made: {exc}")
