@@ -149,7 +149,8 @@ def main() -> None:
                 peaks = " ".join(f"{v / 2**20:.0f}" for v in rss.peak.values())
                 extra = f" labels {len(out['measurements'])}, candidates {len(out['lesion_candidates'])}" \
                     if name == "segment" else ""
-                print(f"run {rep + 1} {name:8s} {wall:6.2f} s wall, workers' CPU {user:5.2f} user + {system:5.2f} system s, "
+                print(f"run {rep + 1} {name:8s} {wall:6.2f} s wall, "
+                      f"workers' CPU {user:5.2f} user + {system:5.2f} system s, "
                       f"worker peak RSS {peaks} MiB{extra}", flush=True)
                 if args.tasks:
                     print("   task seconds: " + _task_seconds(client.get_task_stream(start=t0)))

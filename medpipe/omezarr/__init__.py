@@ -44,7 +44,8 @@ from .pyramid import _downsample_small_int, _factors  # noqa: F401, E402
 
 __all__ = [
     "ARRAY_LAYOUT", "AXES", "LABELS_NAME", "OME_VERSION", "ImageMeta", "add_label_name", "build_pyramid",
-    "choose_chunks", "chunk_bytes", "create_image", "create_labels", "finish_labels", "create_levels", "default_affine", "downsample",
+    "choose_chunks", "chunk_bytes", "create_image", "create_labels", "create_levels", "default_affine", "downsample",
+    "finish_labels",
     "image_attrs", "image_label_attrs", "label_names", "numcodecs_blosc", "pyramid_factors", "read_image",
     "read_labels", "read_meta", "store_aligned", "update_attrs", "write_block", "write_image", "write_labels",
 ]

@@ -4,17 +4,18 @@ The same labels, lesion candidates and measurements as :func:`~medpipe.ops.metho
 followed by :func:`~medpipe.ops.measure.region_stats` on the whole volume (tests compare them),
 in three passes of one task per slab, each reading its slab from Zarr:
 
-1. *body*: the voxels above the body threshold labelled in 3-D per slab; per slab its label
-   counts and its first and last slices (:func:`body_parts`). The host merges labels across
-   slab faces (:func:`~medpipe.ops._label.merge_slabs`) and picks the largest component.
+1. *body*: the voxels above the body threshold labelled in 3-D per slab, and the HU classes
+   (before the body mask), both kept in compressed scratch files; per slab its label counts
+   and its first and last slices (:func:`body_parts`). The host merges labels across slab
+   faces (:func:`~medpipe.ops._label.merge_slabs`) and picks the largest component.
 2. *classes*: per slab the body (relabelled through its table, holes filled per slice), the
-   HU classes, the lungs' slice-wise convex hull and its rim, and the dense voxels inside the
-   hull labelled in 3-D with their statistics (:func:`class_parts`). Classes go to the label
-   image; the dense voxels (few) to a small file per slab. The host merges the dense components
+   classes inside it, the lungs' slice-wise convex hull and its rim, and the dense voxels
+   inside the hull labelled in 3-D with their statistics (:func:`class_parts`). Classes go to
+   the label image, the dense voxels (few) to scratch. The host merges the dense components
    and chooses the lesion candidates.
-3. *labels*: per slab the lesion voxels set in the classes, written back, and the per-label
-   statistics of the final labels against the raw image (:func:`label_parts`), reduced on the
-   host.
+3. *labels*: per slab the lesion voxels set in the classes (rewritten where any), and the
+   per-label statistics of the final labels against the raw image (:func:`label_parts`),
+   reduced on the host.
 
 Intensity sums of integer images (CT in HU) are sums of integers in float64, exact whatever
 their order, so the per-slab reduction gives the whole-volume figures bit for bit.
@@ -22,7 +23,6 @@ their order, so the per-slab reduction gives the whole-volume figures bit for bi
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
