@@ -22,7 +22,9 @@ import zarr
 from .. import omezarr
 from ._backend import to_device, to_numpy
 from ._heap import keep_heap
+from . import _median3
 from ._overlap import halo_depth
+from .filters import median_filter
 
 __all__ = ["pipeline_halo", "filter_slabs"]
 
@@ -72,11 +74,33 @@ def _filter_slab(source: str, target: str, z0: int, z1: int, halo: int, funcs: S
     keep_heap()
     src = zarr.open_array(source, mode="r")
     lo, hi = max(0, z0 - halo), min(src.shape[0], z1 + halo)
-    work = to_device(src[lo:hi].astype(np.float32), device)
-    for func, p in zip(funcs, params):
+    stored = src[lo:hi]
+    first = 0
+    if device == "cpu" and funcs and _median_on_stored(stored, funcs[0], params[0]):
+        work, first = median_filter(stored, **params[0]).astype(np.float32), 1
+    else:
+        work = to_device(stored.astype(np.float32), device)
+    del stored
+    for func, p in zip(funcs[first:], params[first:]):
         work = func(work, **p)
     out = np.asarray(to_numpy(work)[z0 - lo: z0 - lo + (z1 - z0)], dtype=np.float32)
     omezarr.write_block(zarr.open_array(target, mode="r+"), (z0, 0, 0), np.ascontiguousarray(out))
+
+
+def _median_on_stored(stored: np.ndarray, func: Callable[..., Any], params: dict[str, Any]) -> bool:
+    """Whether a first median step can run on the stored integers and be cast afterwards.
+
+    A median picks one of its inputs, and integers of up to 16 bits convert to float32 exactly
+    and in order, so the median of the float32 copy is the float32 of the median: the same
+    values, from the sorting-network kernel on 2-byte items (about 3x faster than on float32).
+    Only where that kernel takes the case (a constant ``cval`` the dtype holds exactly).
+    """
+    if func is not median_filter or stored.dtype.kind not in "iu" or stored.dtype.itemsize > 2:
+        return False
+    bound = inspect.signature(median_filter).bind(None, **params)
+    bound.apply_defaults()
+    p = bound.arguments
+    return _median3.supports(stored, p["size"], p["footprint"], p["mode"], p["cval"])
 
 
 def filter_slabs(source: str, target: str, bounds: Sequence[tuple[int, int]], halo: int,

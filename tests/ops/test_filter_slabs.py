@@ -13,6 +13,9 @@ from medpipe.ops.filter_slabs import filter_slabs, pipeline_halo
 
 @pytest.mark.parametrize("steps", [
     [("median", {"size": 3})],
+    [("median", {"size": 3, "mode": "constant", "cval": -7.0})],
+    [("median", {"size": 3, "mode": "constant", "cval": 0.5})],
+    [("median", {"size": (1, 3, 3), "mode": "nearest"})],
     [("median", {"size": 3}), ("gaussian", {"sigma": 1.0})],
     [("mean", {"size": 5}), ("window", {"low": -1.0, "high": 1.0}), ("anisotropic_diffusion", {"niter": 2})],
     [("unsharp_mask", {"sigma": 0.7}), ("gradient_magnitude", {})],
