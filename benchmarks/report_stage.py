@@ -66,7 +66,7 @@ def stage(archive: Path, staged: Path) -> None:
     (``study/``) and what ``report_study`` needs (``inputs.json``)."""
     from medpipe.config import Config
     from medpipe.ingest import StudyPlan, plan_studies, scan_archive
-    from medpipe.study import StudyContext, process_study
+    from medpipe.study import process_study
 
     cfg = Config()
     (plan,) = plan_studies(scan_archive(archive, cfg.ingest), cfg.ingest)
