@@ -25,13 +25,16 @@ medpipe's own objects cut at many places. Other transfer syntaxes are left to py
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 from pydicom.datadict import keyword_for_tag
 
 __all__ = ["Structure", "structure"]
+
+Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 _VRS = frozenset(x.encode() for x in (
@@ -67,8 +70,9 @@ class _Damaged(Exception):
     pass
 
 
-def structure(data: bytes) -> Structure | None:
-    """Walk the whole object in ``data`` (preamble, ``DICM``, file meta group, data set).
+def structure(data: Buffer) -> Structure | None:
+    """Walk the whole object in ``data`` (preamble, ``DICM``, file meta group, data set): bytes,
+    or a memory map of the file (only the element headers are read).
 
     Returns
     -------
@@ -92,7 +96,7 @@ def structure(data: bytes) -> Structure | None:
 
 
 class _Walker:
-    def __init__(self, data: bytes):
+    def __init__(self, data: Buffer):
         self.data = data
 
     def meta_group(self, pos: int, values: dict[int, bytes]) -> int:
