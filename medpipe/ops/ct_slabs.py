@@ -24,7 +24,7 @@ their order, so the per-slab reduction gives the whole-volume figures bit for bi
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class SlabPlan:
     body_threshold: float
     lesion_threshold: float
     ranges: dict[str, tuple[float, float]]
+    pyramid: tuple[tuple[str, tuple[int, int, int]], ...] = ()  # label levels 1.. and their steps
 
 
 def _read(path: str, z0: int, z1: int, device: str) -> Any:
@@ -231,6 +232,11 @@ def label_parts(plan: SlabPlan, z0: int, z1: int, lesion_keep: np.ndarray, lesio
     if where.size:
         labels.ravel()[where] = lesion_value
         omezarr.write_block(target, (z0, 0, 0), labels)
+    for path, step in plan.pyramid:  # this slab's rows of each level: every step-th voxel
+        level = zarr.open_array(path, mode="r+")
+        part = labels[::step[0], ::step[1], ::step[2]][: level.shape[0] - z0 // step[0], : level.shape[1], : level.shape[2]]
+        if part.shape[0] > 0:
+            omezarr.write_block(level, (z0 // step[0], 0, 0), np.ascontiguousarray(part))
     raw = _raw_values(_read(plan.raw, z0, z1, plan.device))
     if get_xp(raw) is np:
         fast = small_label_stats(labels, raw, n_labels, (z0, 0, 0))
@@ -297,6 +303,8 @@ def ct_tissues_slabs(
                     str(scratch), device, float(body_threshold), float(lesion_threshold),
                     {**CT_PRESETS, **{k: tuple(v) for k, v in (presets or {}).items()}})
     bounds = slab_bounds(depth, ny * nx, raw.chunks[0], slab_voxels)
+    pyramid = _slab_pyramid(image_path, bounds)
+    plan = replace(plan, pyramid=pyramid or ())
     try:
         parts = _compute([dask.delayed(body_parts, pure=False)(plan, z0, z1) for z0, z1 in bounds])
         tables, n = merge_slabs([p["n"] for p in parts], [p["faces"] for p in parts], FACE)
@@ -324,8 +332,29 @@ def ct_tissues_slabs(
         measurements = stats_records(_reduce(parts), spacing=spacing, affine=affine, names=names)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    omezarr.finish_labels(image_path)
+    if pyramid is None:
+        omezarr.finish_labels(image_path)
     return Segmentation(plan.labels, names, candidates, []), measurements
+
+
+def _slab_pyramid(image_path: Path, bounds: list[tuple[int, int]]) -> tuple[tuple[str, tuple[int, int, int]], ...] | None:
+    """The label image's levels 1.. (created empty) with their steps from level 0, when every
+    slab's rows of every level are whole chunks of it (each slab task then writes its own);
+    else ``None`` (the pyramid is built from level 0 afterwards)."""
+    label_path = image_path / "labels" / omezarr.LABELS_NAME
+    arrays = omezarr.create_levels(label_path, omezarr.read_meta(image_path).levels, labels=True)
+    out, step = [], (1, 1, 1)
+    for prev, arr in zip(arrays, arrays[1:]):
+        step = tuple(s * (a // b) for s, a, b in zip(step, prev.shape, arr.shape))
+        depth, rows = arr.chunks[0], arr.shape[0]
+        for z0, z1 in bounds:
+            j0, j1 = z0 // step[0], min(rows, -(-z1 // step[0]))
+            if z0 % step[0] or (j0 < rows and (j0 % depth or ((j1 - j0) % depth and j1 != rows))):
+                return None
+        if tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
+            return None  # tiled slices: leave them to build_pyramid
+        out.append((str(label_path / str(len(out) + 1)), step))
+    return tuple(out)
 
 
 def _candidates(comp: dict[str, np.ndarray], spacing: tuple[float, float, float], affine: np.ndarray | None,
