@@ -234,7 +234,8 @@ def label_parts(plan: SlabPlan, z0: int, z1: int, lesion_keep: np.ndarray, lesio
         omezarr.write_block(target, (z0, 0, 0), labels)
     for path, step in plan.pyramid:  # this slab's rows of each level: every step-th voxel
         level = zarr.open_array(path, mode="r+")
-        part = labels[::step[0], ::step[1], ::step[2]][: level.shape[0] - z0 // step[0], : level.shape[1], : level.shape[2]]
+        part = labels[::step[0], ::step[1], ::step[2]]
+        part = part[: level.shape[0] - z0 // step[0], : level.shape[1], : level.shape[2]]
         if part.shape[0] > 0:
             omezarr.write_block(level, (z0 // step[0], 0, 0), np.ascontiguousarray(part))
     raw = _raw_values(_read(plan.raw, z0, z1, plan.device))
@@ -337,7 +338,8 @@ def ct_tissues_slabs(
     return Segmentation(plan.labels, names, candidates, []), measurements
 
 
-def _slab_pyramid(image_path: Path, bounds: list[tuple[int, int]]) -> tuple[tuple[str, tuple[int, int, int]], ...] | None:
+def _slab_pyramid(image_path: Path,
+                  bounds: list[tuple[int, int]]) -> tuple[tuple[str, tuple[int, int, int]], ...] | None:
     """The label image's levels 1.. (created empty) with their steps from level 0, when every
     slab's rows of every level are whole chunks of it (each slab task then writes its own);
     else ``None`` (the pyramid is built from level 0 afterwards)."""
