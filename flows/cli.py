@@ -8,6 +8,7 @@ failed (missing archive, invalid model, output folder locked by another run, PAC
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import logging
@@ -18,6 +19,28 @@ from typing import Any
 
 from medpipe import __version__
 from medpipe.outputs import EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, exit_code
+
+
+def console() -> None:
+    """The ``medpipe`` command: :func:`main`, then an exit that skips the interpreter's teardown.
+
+    Every output is written (atomically) before :func:`main` returns, and every exit handler
+    (Prefect's log flush among them) has run by then; what is left, freeing the objects of
+    Prefect, Dask and TensorFlow one by one, costs seconds and changes nothing on disk.
+    """
+    status = [EXIT_RUN_FAILED]  # an exception escaping main(): its traceback is printed, then this
+    atexit.register(_exit_now, status)  # first registered, so it runs after every other exit handler
+    status[0] = main()
+    sys.exit(status[0])
+
+
+def _exit_now(status: list[int]) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not change the exit status
+            pass
+    os._exit(status[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,4 +402,4 @@ def cmd_report_schema(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

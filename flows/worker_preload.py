@@ -12,6 +12,7 @@ result is already on disk by then.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -39,7 +40,7 @@ def preload(modules: tuple[str, ...] = MODULES) -> list[str]:
     return failed
 
 
-def dask_teardown(worker: object) -> None:
+async def dask_teardown(worker: object) -> None:
     """Distributed calls this as the worker closes: end the process at once when it exits.
 
     Registered now, after any library's exit handlers, so it runs first (atexit is last in,
@@ -47,7 +48,8 @@ def dask_teardown(worker: object) -> None:
     """
     from flows.server import flush_prefect_logs
 
-    flush_prefect_logs(timeout=5)
+    # On a thread: called from the worker's event loop, Prefect's drain would only return a coroutine.
+    await asyncio.to_thread(flush_prefect_logs, 5)
     atexit.register(_exit_now)
 
 
