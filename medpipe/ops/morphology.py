@@ -241,14 +241,19 @@ def _fill_holes_slices(mask: np.ndarray) -> np.ndarray:
     in-plane structure never connects slices; a slice's labels stay in cache)."""
     out = mask.copy()
     cross = IN_PLANE[1]
+    # The slice's border as _touches_border sees it: the ends of its axes longer than one
+    # (of both when neither is).
+    axes = [ax for ax in (0, 1) if mask.shape[ax + 1] > 1] or [0, 1]
+    lab = np.empty(mask.shape[1:], np.int32)
     for z in range(mask.shape[0]):
-        lab, n = scipy.ndimage.label(~mask[z], structure=cross)
+        n = scipy.ndimage.label(~mask[z], structure=cross, output=lab)
         if n == 0:
             continue
-        outside = _touches_border(lab[None], in_plane=True)
-        table = np.ones(n + 1, bool)
+        table = np.ones(n + 1, bool)  # holes: background labels that touch no border
         table[0] = False
-        table[outside] = False
+        for ax in axes:
+            table[lab.take(0, axis=ax)] = False
+            table[lab.take(-1, axis=ax)] = False
         out[z] |= table[lab]
     return out
 

@@ -83,3 +83,28 @@ def test_rim_equals_scipy_erosion(shape):
         mask = rng.random(shape) < density
         want = mask & ~ndi.binary_erosion(mask, structure=IN_PLANE)
         np.testing.assert_array_equal(rim_in_plane(mask), want)
+
+
+@pytest.mark.parametrize("shape", [(4, 30, 40), (2, 1, 9), (2, 9, 1), (1, 1, 1), (3, 2, 2)])
+def test_fill_holes_slices_equals_scipy(shape):
+    """The per-slice hole filling the slab passes use equals SciPy's 2-D fill on every slice
+    (slices of one row or column: no hole, as _touches_border's border rule says)."""
+    from medpipe.ops.morphology import _fill_holes_slices, _touches_border
+
+    def reference(mask):  # the general rule, slice by slice: background labels off the border
+        out = mask.copy()
+        for z in range(mask.shape[0]):
+            lab, n = ndi.label(~mask[z])
+            keep = np.ones(n + 1, bool)
+            keep[0] = False
+            keep[_touches_border(lab[None], in_plane=True)] = False
+            out[z] |= keep[lab]
+        return out
+
+    rng = np.random.default_rng(2)
+    for density in (0.4, 0.6, 0.8):
+        mask = rng.random(shape) < density
+        got = _fill_holes_slices(mask)
+        np.testing.assert_array_equal(got, reference(mask))
+        if min(shape[1:]) > 1:
+            np.testing.assert_array_equal(got, np.stack([ndi.binary_fill_holes(s) for s in mask]))
