@@ -41,7 +41,8 @@ from .methods import CT_IDS, Segmentation
 from .morphology import _fill_holes_slices, _hull_slice
 from .segment import CT_PRESETS, ct_classes
 
-__all__ = ["SlabPlan", "slab_bounds", "ct_tissues_slabs", "body_parts", "class_parts", "label_parts", "rim_in_plane"]
+__all__ = ["SlabPlan", "slab_bounds", "ct_tissues_slabs", "body_parts", "class_parts", "label_parts", "rim_in_plane",
+           "classes_by_slice"]
 
 SLAB_VOXELS = 2**23  # about 32 slices of 512 x 512: a few hundred MB of temporaries per task
 FACE = check_structure(None, 3)  # face connectivity, as ct_tissues labels body and lesions
@@ -134,10 +135,40 @@ def body_parts(plan: SlabPlan, z0: int, z1: int) -> dict[str, Any]:
     hu = _read(plan.filtered, z0, z1, plan.device)
     lab, n = _label(hu > plan.body_threshold)
     ids = {name: CT_IDS[name] for name in ("air", "lung", "fat", "soft_tissue", "bone")}
-    _save(_scratch(plan, "classes", z0), ct_classes(hu, ids, plan.ranges))
+    _save(_scratch(plan, "classes", z0), classes_by_slice(hu, ids, plan.ranges))
     del hu
     _save(_scratch(plan, "body", z0), lab)
     return {"n": n, "counts": _counts(lab, n), "faces": _faces(lab)}
+
+
+def classes_by_slice(hu: Any, ids: dict[str, int], ranges: dict[str, tuple[float, float]]) -> Any:
+    """:func:`~medpipe.ops.segment.ct_classes` of a NumPy volume one z-slice at a time into
+    one output (the same comparisons and uint8 sums; a slice's masks stay in cache instead of
+    a dozen volume-sized temporaries). Other arrays go to ``ct_classes``.
+
+    >>> classes_by_slice(np.array([[[-1000.0, -700.0, 40.0, 500.0]]]), {"lung": 1, "bone": 4}, CT_PRESETS).tolist()
+    [[[0, 1, 0, 4]]]
+    """
+    if get_xp(hu) is not np or hu.ndim != 3:
+        return ct_classes(hu, ids, ranges)
+    unknown = set(ids) - set(ranges)
+    if unknown:
+        raise ValueError(f"no HU preset for {sorted(unknown)}; presets: {sorted(ranges)}")
+    for name in ids:
+        low, high = ranges[name]
+        if not high > low:
+            raise ValueError(f"threshold_range needs high > low, got {low}, {high}")
+    out = np.zeros(hu.shape, np.uint8)
+    inside = np.empty(hu.shape[1:], bool)
+    below = np.empty(hu.shape[1:], bool)
+    for z in range(hu.shape[0]):
+        for name, value in ids.items():
+            low, high = ranges[name]
+            np.greater_equal(hu[z], low, out=inside)
+            np.less(hu[z], high, out=below)
+            inside &= below
+            np.add(out[z], np.uint8(value), out=out[z], where=inside)
+    return out
 
 
 def rim_in_plane(mask: Any) -> Any:

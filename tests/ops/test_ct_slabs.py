@@ -108,3 +108,18 @@ def test_fill_holes_slices_equals_scipy(shape):
         np.testing.assert_array_equal(got, reference(mask))
         if min(shape[1:]) > 1:
             np.testing.assert_array_equal(got, np.stack([ndi.binary_fill_holes(s) for s in mask]))
+
+
+def test_classes_by_slice_equal_ct_classes():
+    from medpipe.ops.ct_slabs import classes_by_slice
+    from medpipe.ops.segment import CT_PRESETS, ct_classes
+
+    rng = np.random.default_rng(3)
+    hu = rng.uniform(-1200, 1200, (3, 20, 30)).astype(np.float32)
+    hu[0, 0, :4] = [np.nan, -950.0, -500.0, 150.0]  # NaN and the ranges' edges
+    ids = {"air": 6, "lung": 1, "fat": 2, "soft_tissue": 3, "bone": 4}
+    np.testing.assert_array_equal(classes_by_slice(hu, ids, CT_PRESETS), ct_classes(hu, ids, CT_PRESETS))
+    overlapping = {**CT_PRESETS, "fat": (-300.0, 0.5), "bone": (100.0, 2000.0)}  # sums where they overlap
+    np.testing.assert_array_equal(classes_by_slice(hu, ids, overlapping), ct_classes(hu, ids, overlapping))
+    with pytest.raises(ValueError, match="no HU preset"):
+        classes_by_slice(hu, {"liver": 7}, CT_PRESETS)
