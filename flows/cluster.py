@@ -14,6 +14,7 @@ The process that runs the flow is tied the same way to a ``medpipe serve`` that 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,11 @@ from .server import exit_with_parent
 def cluster_kind(cfg: ClusterConfig) -> str:
     return "address" if cfg.address else cfg.kind
 
+
+log = logging.getLogger("medpipe")
+
+# Closing a cluster whose workers were lost and restarted can wait on a worker that is gone.
+CLOSE_TIMEOUT_S = 20.0
 
 # Imported by every local worker process as it starts (distributed's ``preload``): the stages'
 # modules load while the run starts (beside the Prefect server), not in the first study.
@@ -80,7 +86,11 @@ def started_cluster(cfg: ClusterConfig) -> Iterator[str | None]:
     try:
         yield cluster.scheduler_address
     finally:
-        cluster.close()
+        try:
+            cluster.close(timeout=CLOSE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the run's results are written; its workers end with it
+            log.warning("Dask cluster did not close cleanly (%s: %s); its workers end with this process",
+                        type(exc).__name__, exc)
 
 
 def task_runner(cfg: ClusterConfig) -> DaskTaskRunner:
