@@ -20,6 +20,7 @@ block order of each component's first voxel (so they equal SciPy's labels up to 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import dask
@@ -231,11 +232,12 @@ def _globalise(slab: np.ndarray, axis: int, boundary: int, chunks: tuple[tuple[i
     return out
 
 
-def merge_slabs(counts: list[int], faces: list[tuple[np.ndarray, np.ndarray]],
+def merge_slabs(counts: list[int], faces: Sequence[tuple[np.ndarray, np.ndarray]],
                 structure: np.ndarray) -> tuple[list[np.ndarray], int]:
     """Global components from z-slabs labelled one by one (each slab's labels ``1..counts[k]``).
 
-    ``faces[k]`` is slab ``k``'s first and last z-slice of labels (host arrays). Labels that
+    ``faces[k]`` is slab ``k``'s first and last z-slice of labels (host arrays; each is asked
+    for twice at most, one pair of neighbours at a time, so it may load them). Labels that
     touch across the face between slab ``k`` and ``k+1`` (every offset of ``structure`` that
     crosses it, as :func:`block_labels` does for Dask blocks) are merged; components are
     numbered ``1..n`` by their first voxel in raster order, as ``scipy.ndimage.label`` numbers
@@ -264,7 +266,7 @@ def merge_slabs(counts: list[int], faces: list[tuple[np.ndarray, np.ndarray]],
         last = faces[k][1].astype(np.int64)
         first = faces[k + 1][0].astype(np.int64)
         slab = np.stack([np.where(last > 0, last + offsets[k], 0), np.where(first > 0, first + offsets[k + 1], 0)])
-        pairs.append(_face_pairs(slab, 0, structure))
+        pairs.append(np.unique(_face_pairs(slab, 0, structure), axis=0))  # one per voxel pair: few distinct
     edges = np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64)
     graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(total + 1, total + 1))
     n, comp = connected_components(graph, directed=False)

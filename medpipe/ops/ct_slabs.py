@@ -138,7 +138,8 @@ def body_parts(plan: SlabPlan, z0: int, z1: int) -> dict[str, Any]:
     _save(_scratch(plan, "classes", z0), classes_by_slice(hu, ids, plan.ranges))
     del hu
     _save(_scratch(plan, "body", z0), lab)
-    return {"n": n, "counts": _counts(lab, n), "faces": _faces(lab)}
+    _save_faces(plan, "body", z0, _faces(lab))
+    return {"n": n, "counts": _counts(lab, n)}
 
 
 def classes_by_slice(hu: Any, ids: dict[str, int], ranges: dict[str, tuple[float, float]]) -> Any:
@@ -238,7 +239,30 @@ def class_parts(plan: SlabPlan, z0: int, z1: int, body_keep: np.ndarray) -> dict
     np.save(_scratch(plan, "dense-where", z0), flat.astype(np.int64))
     np.save(_scratch(plan, "dense-values", z0), values)
     omezarr.write_block(zarr.open_array(plan.labels, mode="r+"), (z0, 0, 0), classes)
-    return {"n": n, "stats": stats, "faces": _faces_in(comp, box, classes.shape)}
+    _save_faces(plan, "dense", z0, _faces_in(comp, box, classes.shape))
+    return {"n": n, "stats": stats}
+
+
+def _save_faces(plan: SlabPlan, name: str, z0: int, faces: tuple[np.ndarray, np.ndarray]) -> None:
+    """A slab's two face slices in scratch: the host reads them a pair of slabs at a time
+    (:class:`_Faces`), so that what it holds does not grow with the series."""
+    for side, face in zip(("first", "last"), faces):
+        _save(_scratch(plan, f"{name}-face-{side}", z0), face)
+
+
+class _Faces:
+    """``faces[k]`` = slab ``k``'s (first, last) face slices, read from scratch when asked."""
+
+    def __init__(self, plan: SlabPlan, name: str, bounds: list[tuple[int, int]]):
+        self.plan, self.name, self.bounds = plan, name, bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        z0 = self.bounds[k][0]
+        return (_load(_scratch(self.plan, f"{self.name}-face-first", z0)),
+                _load(_scratch(self.plan, f"{self.name}-face-last", z0)))
 
 
 def _faces_in(comp: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -339,7 +363,7 @@ def ct_tissues_slabs(
     plan = replace(plan, pyramid=pyramid or ())
     try:
         parts = _compute([dask.delayed(body_parts, pure=False)(plan, z0, z1) for z0, z1 in bounds])
-        tables, n = merge_slabs([p["n"] for p in parts], [p["faces"] for p in parts], FACE)
+        tables, n = merge_slabs([p["n"] for p in parts], _Faces(plan, "body", bounds), FACE)
         counts = np.zeros(n + 1, np.int64)
         for part, table in zip(parts, tables):
             np.add.at(counts, table, part["counts"])
@@ -350,7 +374,7 @@ def ct_tissues_slabs(
 
         parts = _compute([dask.delayed(class_parts, pure=False)(plan, z0, z1, keep)
                           for (z0, z1), keep in zip(bounds, keeps)])
-        tables, n = merge_slabs([p["n"] for p in parts], [p["faces"] for p in parts], FACE)
+        tables, n = merge_slabs([p["n"] for p in parts], _Faces(plan, "dense", bounds), FACE)
         comp = _globalise([p["stats"] for p in parts], tables, n)
         del parts
         candidates = _candidates(comp, spacing, affine, lesion_min_ml, lesion_max_ml)
