@@ -122,6 +122,14 @@ def physical_resize(rgb: np.ndarray, spacing_rc: tuple[float, float], target: in
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
 
 
+# Figures read in the calling thread: the slices and the coarse level are small, and through the
+# run's cluster (the default scheduler in a study task) each read would be tasks on other
+# workers and arrays sent back. Each compute says so itself: dask.config is one per process, and
+# setting the scheduler there would also send other studies' computations in this worker (their
+# arrays held on the cluster) to the local scheduler.
+LOCAL = "sync"
+
+
 class _Volume:
     """Lazy access to the image and labels of one pyramid level (reads only what is asked)."""
 
@@ -143,7 +151,8 @@ class _Volume:
         if (axis, index) not in self._planes:
             sl: list[Any] = [slice(None)] * 3
             sl[axis] = index
-            img, lab = dask.compute(self.image[tuple(sl)], None if self.labels is None else self.labels[tuple(sl)])
+            img, lab = dask.compute(self.image[tuple(sl)], None if self.labels is None else self.labels[tuple(sl)],
+                                    scheduler=LOCAL)
             self._planes[(axis, index)] = (np.asarray(img), None if lab is None else np.asarray(lab))
         return self._planes[(axis, index)]
 
@@ -197,7 +206,8 @@ def _key_slice_indices(vol: _Volume, names: dict[int, str], record: dict[str, An
     if vol.labels is not None and search.labels is not None:
         lesion = [v for v, n in names.items() if _is_lesion(n)]
         if lesion:
-            area = np.asarray(search.labels.map_blocks(np.isin, lesion, dtype=bool).sum(axis=(1, 2)).compute())
+            area = np.asarray(search.labels.map_blocks(np.isin, lesion, dtype=bool).sum(axis=(1, 2))
+                              .compute(scheduler=LOCAL))
             if area.max() > 0:
                 z = int(area.argmax())
                 if search is not vol:  # the fine slices inside the coarse one
@@ -232,11 +242,7 @@ def study_figures(study_dir: str | Path, record: dict[str, Any], max_px: int = 5
             figs.problems.append("image.zarr not found: no pictures of the image")
         return figs
     try:
-        # Read here, in this thread: the slices and the coarse level are small, and through the
-        # run's cluster (the default scheduler in a study task) each read would be tasks on
-        # other workers and arrays sent back.
-        with dask.config.set(scheduler="sync"):
-            _image_figures(image_path, record, figs, max_px)
+        _image_figures(image_path, record, figs, max_px)
     except Exception as exc:  # pictures are a convenience: never fail a report for them
         log.warning("report pictures of %s failed: %s", study_dir, exc)
         figs.problems.append(f"pictures of the image could not be made: {exc}")
@@ -316,7 +322,7 @@ def _image_figures(image_path: Path, record: dict[str, Any], figs: StudyFigures,
     outlined = mvol.labels is not None and lesion
     lesion_mask = mvol.labels.map_blocks(np.isin, lesion, dtype=bool) if outlined else None
     projections = dask.compute(*[mvol.image.max(axis=a) for a in axes],
-                               *([lesion_mask.any(axis=a) for a in axes] if outlined else []))
+                               *([lesion_mask.any(axis=a) for a in axes] if outlined else []), scheduler=LOCAL)
     for axis, name, sp in ((0, "Axial MIP", (msy, msx)), (1, "Coronal MIP", (msz, msx)), (2, "Sagittal MIP", (msz, msy))):
         mip = np.asarray(projections[axis])
         lab = np.where(np.asarray(projections[3 + axis]), lesion[0], 0) if outlined else None
