@@ -6,7 +6,8 @@ Every operator takes a NumPy, CuPy or Dask array and returns the same kind. ``FI
 Modules: ``filters`` (SciPy-signature filters), ``_label`` (chunked connected components),
 ``morphology``, ``segment`` (thresholds, clustering, region growing), ``methods`` (the
 per-modality segmentations), ``measure`` (per-label statistics), ``stage`` (the filter and
-segment stages on study folders).
+segment stages on study folders), ``filter_slabs`` and ``ct_slabs`` (those stages streamed in
+z-slabs straight from and to Zarr).
 """
 
 from __future__ import annotations
