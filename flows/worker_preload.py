@@ -20,7 +20,7 @@ import sys
 
 log = logging.getLogger("medpipe")
 
-MODULES = ("tasks.study", "medpipe.ingest", "medpipe.study", "medpipe.ops.stage", "medpipe.report")
+MODULES = ("tasks.study", "medpipe.ingest", "medpipe.ingest.convert", "medpipe.study", "medpipe.ops.stage", "medpipe.report")
 
 
 def preload(modules: tuple[str, ...] = MODULES) -> list[str]:

@@ -70,7 +70,7 @@ def discover(archive: str, config: dict[str, Any], out: str | None = None) -> di
     return {"plans": [p.to_dict() for p in plans], "issues": [i.to_dict() for i in scan.issues]}
 
 
-_STUDY_MODULES = ("medpipe.ingest", "medpipe.ops.stage", "medpipe.inference.stage", "medpipe.report")
+_STUDY_MODULES = ("medpipe.ingest", "medpipe.ingest.convert", "medpipe.ops.stage", "medpipe.inference.stage", "medpipe.report")
 
 
 @task(name="process_study", task_run_name="study-{plan[study_key]}", **STAGE)

@@ -4,8 +4,9 @@
 -> ``ingest_study`` (sorted, rescaled, checked volume streamed into ``image.zarr``).
 """
 
+from typing import Any
+
 from .catalogue import catalogue_path
-from .convert import ingest_study
 from .deid import clean_description, source_facts
 from .geometry import Geometry, build_geometry
 from .plan import StudyPlan, fingerprint, format_plan, plan_studies
@@ -17,3 +18,13 @@ __all__ = [
     "fingerprint", "format_plan", "ingest_study", "plan_studies", "read_instance", "scan_archive", "scan_known",
     "source_facts",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``ingest_study`` loads the converter (Zarr, Dask, the operators) when first used: planning
+    (``medpipe plan``, a night with nothing new) never needs it."""
+    if name == "ingest_study":
+        from .convert import ingest_study
+
+        return ingest_study
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
