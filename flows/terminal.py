@@ -21,7 +21,8 @@ class RunDisplay:
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=self.console, transient=False)
+                            TimeElapsedColumn(), console=self.console, transient=False,
+                            refresh_per_second=2)  # a bar of studies: more would cost the run CPU
         self.task = self.bar.add_task("starting Prefect and Dask", total=None)
 
     def __enter__(self) -> "RunDisplay":
