@@ -448,10 +448,44 @@ def _encode(ds: pydicom.Dataset) -> bytes:
     return encode_dataset(ds)
 
 
-def seg_frames(labels: np.ndarray, match: SourceFrames) -> np.ndarray:
+def read_label_image(image: Path) -> np.ndarray:
+    """The label image of ``image`` (an OME-Zarr folder) as one NumPy array, read slab by slab
+    in this thread (never as tasks of the run's cluster, whose result would be sent back).
+
+    Each slab of chunks is decoded into its place in the result: the whole volume is held once,
+    not once as chunks and again as their concatenation.
+    """
+    lazy = omezarr.read_labels(image)
+    out = np.empty(lazy.shape, lazy.dtype)
+    z0 = 0
+    for depth in lazy.chunks[0]:
+        out[z0:z0 + depth] = lazy[z0:z0 + depth].compute(scheduler="sync")
+        z0 += depth
+    return out
+
+
+def _segment_numbers(labels: np.ndarray, lut: np.ndarray, overwrite: bool) -> np.ndarray:
+    """``lut[labels]``: ``labels`` itself where the map is the identity, mapped in place slice
+    by slice when ``overwrite`` allows it and the numbers fit, else a mapped copy."""
+    if labels.dtype == lut.dtype and np.array_equal(lut, np.arange(len(lut))):
+        return labels
+    if overwrite and labels.dtype == lut.dtype:
+        for k in range(labels.shape[0]):  # a slice's temporary, not a volume's
+            labels[k] = lut[labels[k]]
+        return labels
+    return lut[labels]
+
+
+def seg_frames(labels: np.ndarray, match: SourceFrames, overwrite: bool = False) -> np.ndarray:
     """The label image as one frame per source frame, in the source's row and column order
-    (``labels`` itself where those are the volume's slices in order, unflipped)."""
-    if list(match.slices) == list(range(labels.shape[0])):
+    (``labels`` itself where those are the volume's slices in order, unflipped; flipped in place
+    when ``overwrite`` allows it)."""
+    in_order = list(match.slices) == list(range(labels.shape[0]))
+    if in_order and overwrite and any(match.flips):
+        for k in range(labels.shape[0]):  # numpy copies an overlapping right-hand side
+            labels[k] = labels[k][::-1 if match.flips[0] else 1, ::-1 if match.flips[1] else 1]
+        return labels
+    if in_order:
         frames = labels
     else:
         empty = np.zeros(labels.shape[1:], labels.dtype)
@@ -465,7 +499,7 @@ def seg_frames(labels: np.ndarray, match: SourceFrames) -> np.ndarray:
 
 def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], method: str | None,
               series_number: int = 900, slice_spacing: float | None = None,
-              uid_for: UidFor = random_uids) -> tuple[Any, dict[int, int]]:
+              uid_for: UidFor = random_uids, overwrite: bool = False) -> tuple[Any, dict[int, int]]:
     """The Segmentation dataset and the map label value -> segment number.
 
     Parameters
@@ -483,6 +517,9 @@ def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], me
     uid_for : callable
         The UID of each kind of part (``seg/series``, ``seg/instance``, ``seg/tracking/<v>``):
         :func:`uids_for` makes them reproducible; the default is random.
+    overwrite : bool
+        ``labels`` may be overwritten with the SEG's frames (segment numbers, in the source's
+        order): the volume is then not copied.
     """
     import highdicom as hd
 
@@ -493,7 +530,7 @@ def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], me
     lut = np.zeros(max(int(labels.max()), max(values)) + 1, np.uint8 if len(values) < 256 else np.uint16)
     for v, s in seg_number.items():
         lut[v] = s
-    frames = seg_frames(lut[labels], match)
+    frames = seg_frames(_segment_numbers(labels, lut, overwrite), match, overwrite)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"medpipe {method or 'segmentation'}", version=__version__,
         family=codes.cid7162.ArtificialIntelligence if any(w in (method or "").lower() for w in ("model", "net", "cnn"))
@@ -788,12 +825,12 @@ def make_objects(study_dir: Path, record: dict[str, Any], source_files: list[str
     if reason is None:
         try:
             meta = omezarr.read_meta(image)
-            # read in this thread, not as tasks of the run's cluster whose result is sent back
-            labels = np.asarray(omezarr.read_labels(image).compute(scheduler="sync"))
+            labels = read_label_image(image)
             names = {int(k): v for k, v in segmentation["labels"].items()} or omezarr.label_names(image)
             match = match_sources(ordered, meta.affine, meta.shape)
             seg, seg_number = build_seg(match, labels, names, segmentation.get("method"),
-                                        slice_spacing=float(meta.spacing[0]), uid_for=uid_for)
+                                        slice_spacing=float(meta.spacing[0]), uid_for=uid_for, overwrite=True)
+            del labels  # its frames are in the SEG now
             made.datasets["seg"] = seg
         except Exception as exc:  # a derived object's failure is a warning, never the study's
             log.warning("SEG of study %s not made: %s", key, exc, exc_info=True)
