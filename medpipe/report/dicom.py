@@ -523,21 +523,72 @@ def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], me
     """
     import highdicom as hd
 
+    seg_number, lut = _segment_lut(names, int(labels.max()))
+    frames = seg_frames(_segment_numbers(labels, lut, overwrite), match, overwrite)
+    seg = hd.seg.Segmentation(**_seg_arguments(match, names, seg_number, method, series_number, uid_for),
+                              pixel_array=frames, omit_empty_frames=bool(frames.any()))
+    return _mend_seg(seg, match, slice_spacing, uid_for), seg_number
+
+
+def build_seg_from_image(match: SourceFrames, image: Path, names: dict[int, str], method: str | None,
+                         series_number: int = 900, slice_spacing: float | None = None,
+                         uid_for: UidFor = random_uids) -> tuple[Any, dict[int, int]]:
+    """:func:`build_seg` of the label image of ``image`` (an OME-Zarr folder), read slab by slab.
+
+    The volume is never held whole: each slab's frames are packed as it is read, and highdicom
+    builds the rest from a stand-in (:mod:`medpipe.report.seg_pixels`); the SEG is that of
+    :func:`build_seg`. Where that cannot be done (a frame's pixels not a whole number of bytes,
+    frames not derived from single source frames), the label image is read whole for
+    :func:`build_seg`.
+    """
+    from . import seg_pixels
+
+    n_slices, rows, columns = omezarr.read_labels(image).shape
+    seg_number, lut = _segment_lut(names, 0)
+    packed = seg = None
+    if rows * columns % 8 == 0:
+        packed = seg_pixels.pack_label_frames(seg_pixels.label_slabs(image), lut, n_slices, match.flips)
+        stand_in = seg_pixels.presence_stand_in(packed.present, list(match.slices), (rows, columns))
+        if stand_in is not None:
+            seg = seg_pixels.metadata_only_segmentation(
+                **_seg_arguments(match, names, seg_number, method, series_number, uid_for),
+                pixel_array=stand_in, omit_empty_frames=any(packed.present))
+    order = seg_pixels.frame_order(seg, match.images, list(match.slices)) if seg is not None else None
+    if order is None:
+        log.debug("SEG of %s built from the whole label image", image)
+        del packed, seg
+        return build_seg(match, read_label_image(image), names, method, series_number, slice_spacing, uid_for,
+                         overwrite=True)
+    seg.PixelData = seg_pixels.join_frames(packed, order)
+    del packed
+    return _mend_seg(seg, match, slice_spacing, uid_for), seg_number
+
+
+def _segment_lut(names: dict[int, str], top: int) -> tuple[dict[int, int], np.ndarray]:
+    """The map label value -> segment number (consecutive from 1, in order of value) and as a
+    lookup table of at least ``top + 1`` entries (0: no segment)."""
     values = sorted(v for v in names if v != 0)
     if not values:
         raise ValueError("the segmentation has no labels besides background")
     seg_number = {v: i + 1 for i, v in enumerate(values)}
-    lut = np.zeros(max(int(labels.max()), max(values)) + 1, np.uint8 if len(values) < 256 else np.uint16)
+    lut = np.zeros(max(top, max(values)) + 1, np.uint8 if len(values) < 256 else np.uint16)
     for v, s in seg_number.items():
         lut[v] = s
-    frames = seg_frames(_segment_numbers(labels, lut, overwrite), match, overwrite)
+    return seg_number, lut
+
+
+def _seg_arguments(match: SourceFrames, names: dict[int, str], seg_number: dict[int, int], method: str | None,
+                   series_number: int, uid_for: UidFor) -> dict[str, Any]:
+    """highdicom's Segmentation arguments besides the pixel array and ``omit_empty_frames``."""
+    import highdicom as hd
+
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"medpipe {method or 'segmentation'}", version=__version__,
         family=codes.cid7162.ArtificialIntelligence if any(w in (method or "").lower() for w in ("model", "net", "cnn"))
         else codes.cid7162.HistogramAnalysis,  # medpipe's classical methods: thresholds and morphology
     )
     descriptions = []
-    for v in values:
+    for v in sorted(seg_number):
         category, kind = property_codes(names[v])
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=seg_number[v], segment_label=names[v][:64], segmented_property_category=category,
@@ -545,21 +596,24 @@ def build_seg(match: SourceFrames, labels: np.ndarray, names: dict[int, str], me
             algorithm_identification=algorithm, tracking_uid=uid_for(f"seg/tracking/{v}"),
             tracking_id=f"label {v}: {names[v]}"[:64],
         ))
-    seg = hd.seg.Segmentation(
-        source_images=[share_frame_geometry(ds) for ds in match.images], pixel_array=frames,
+    return dict(
+        source_images=[share_frame_geometry(ds) for ds in match.images],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=uid_for("seg/series"), series_number=series_number,
         sop_instance_uid=uid_for("seg/instance"), instance_number=1, manufacturer="medpipe",
         manufacturer_model_name="medpipe", software_versions=__version__,
         device_serial_number="0", content_label="MEDPIPE", content_description=f"medpipe {method or ''}".strip()[:64],
-        omit_empty_frames=bool(frames.any()),  # an empty segmentation (a negative result) keeps its frames
-    )
+    )  # omit_empty_frames: an empty segmentation (a negative result) keeps its frames
+
+
+def _mend_seg(seg: Any, match: SourceFrames, slice_spacing: float | None, uid_for: UidFor) -> Any:
+    """What highdicom leaves out or copies flawed, set right in ``seg`` (returned)."""
     _mend_pixel_measures(seg, slice_spacing)
     _derive_dimension_uids(seg, uid_for, "seg")
     if "PatientOrientation" not in seg and "ImageOrientationPatient" not in match.images[0]:
         # Type 2C without patient geometry (CR, DX, US, OT); highdicom does not copy it.
         seg.PatientOrientation = match.images[0].get("PatientOrientation") or ""
-    return seg, seg_number
+    return seg
 
 
 def _mend_pixel_measures(seg: pydicom.Dataset, slice_spacing: float | None) -> None:
@@ -825,12 +879,10 @@ def make_objects(study_dir: Path, record: dict[str, Any], source_files: list[str
     if reason is None:
         try:
             meta = omezarr.read_meta(image)
-            labels = read_label_image(image)
             names = {int(k): v for k, v in segmentation["labels"].items()} or omezarr.label_names(image)
             match = match_sources(ordered, meta.affine, meta.shape)
-            seg, seg_number = build_seg(match, labels, names, segmentation.get("method"),
-                                        slice_spacing=float(meta.spacing[0]), uid_for=uid_for, overwrite=True)
-            del labels  # its frames are in the SEG now
+            seg, seg_number = build_seg_from_image(match, image, names, segmentation.get("method"),
+                                                   slice_spacing=float(meta.spacing[0]), uid_for=uid_for)
             made.datasets["seg"] = seg
         except Exception as exc:  # a derived object's failure is a warning, never the study's
             log.warning("SEG of study %s not made: %s", key, exc, exc_info=True)
