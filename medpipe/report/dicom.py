@@ -39,7 +39,7 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +51,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from .. import __version__, atomic, omezarr
+from .. import __version__, omezarr
 from ..pacs import identity as ident
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,14 @@ def deidentify(ds: pydicom.Dataset, study_key: str, key: bytes) -> pydicom.Datas
 
 
 def deidentified_bytes(ds: pydicom.Dataset, study_key: str, key: bytes) -> bytes:
-    """The file of :func:`deidentify` ``(ds, study_key, key)``, encoded from ``ds`` itself.
+    """The file of :func:`deidentify` ``(ds, study_key, key)``, encoded from ``ds`` itself
+    (:func:`deidentified_parts` joined)."""
+    return b"".join(deidentified_parts(ds, study_key, key))
+
+
+def deidentified_parts(ds: pydicom.Dataset, study_key: str, key: bytes) -> list[bytes]:
+    """The file of :func:`deidentify` ``(ds, study_key, key)``, encoded from ``ds`` itself, in
+    parts (:func:`medpipe.report.encoding.encode_parts`: the pixel data is not copied).
 
     No copy of ``ds`` is made or read back: the top level is a new dataset holding the
     elements of ``ds`` with the identity replaced, and the rest (UIDs remapped, identity in
@@ -167,7 +174,7 @@ def deidentified_bytes(ds: pydicom.Dataset, study_key: str, key: bytes) -> bytes
     (:func:`medpipe.report.encoding.encode_dataset`). ``ds`` stays as it is. Tests compare the
     bytes with those of :func:`deidentify`.
     """
-    from .encoding import encode_dataset
+    from .encoding import encode_parts
 
     top = pydicom.Dataset()
     top.update(ds)  # the same elements: those changed below are replaced, never edited
@@ -186,7 +193,7 @@ def deidentified_bytes(ds: pydicom.Dataset, study_key: str, key: bytes) -> bytes
             del top[tag]
         if value is not None:
             top[tag] = pydicom.DataElement(tag, vr, value)
-    return encode_dataset(top, edit=_DeidentifyingEdit(key))
+    return encode_parts(top, edit=_DeidentifyingEdit(key))
 
 
 class _DeidentifyingEdit:
@@ -446,6 +453,13 @@ def _encode(ds: pydicom.Dataset) -> bytes:
     from .encoding import encode_dataset
 
     return encode_dataset(ds)
+
+
+def _encode_parts(ds: pydicom.Dataset) -> list[bytes]:
+    """:func:`_encode` in parts whose concatenation is the file (the pixel data not copied)."""
+    from .encoding import encode_parts
+
+    return encode_parts(ds)
 
 
 def read_label_image(image: Path) -> np.ndarray:
@@ -973,8 +987,8 @@ def write_dicom_outputs(study_dir: Path, record: dict[str, Any], cfg: Any,
     for kind in ("seg", "sr"):
         ds, file = made.datasets.get(kind), None
         if ds is not None:
-            data = _encode(ds) if identified else deidentified_bytes(ds, record["study_key"], key)
-            atomic.write_bytes(study_dir / f"{kind}.dcm", data)
+            data = _encode_parts(ds) if identified else deidentified_parts(ds, record["study_key"], key)
+            _write_parts(study_dir / f"{kind}.dcm", data)
             file = f"{kind}.dcm"
         objects.append(_object(kind, file, made.reasons.get(kind)))
     if one_pass:
@@ -1007,22 +1021,30 @@ def _write_send(send_dir: Path, made: MadeObjects, wanted: set[str], record: dic
             continue
         if deidentified:
             uid_key = uid_key or ident.load_uid_key(output_root(study_dir))
-            data = deidentified_bytes(ds, record["study_key"], uid_key)
+            data = deidentified_parts(ds, record["study_key"], uid_key)
         else:
-            data = _encode(ds)
-        files.append(_write_private(send_dir / f"{kind}.dcm", data))
+            data = _encode_parts(ds)
+        files.append(_write_parts(send_dir / f"{kind}.dcm", data, private=True))
     return files
 
 
-def _write_private(path: Path, data: bytes) -> Path:
-    """Write ``data`` owner-only (0600) through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_parts(path: Path, parts: list[bytes], private: bool = False) -> Path:
+    """Write the concatenation of ``parts`` to ``path`` through a temporary file in the same
+    folder, flushed to disk, and a rename (as :func:`medpipe.atomic.write_bytes`, without
+    joining the parts into one copy of the file). ``private``: owner-only (0600), else as the
+    umask lets people read it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -47,7 +47,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
 
-__all__ = ["Edit", "encode_dataset"]
+__all__ = ["Edit", "encode_dataset", "encode_parts"]
 
 Edit = Callable[[Any, bool], Any]
 """``edit(element, nested)``: the element to write instead of ``element`` (itself when unchanged),
@@ -90,13 +90,20 @@ def encode_dataset(ds: Dataset, edit: Edit | None = None) -> bytes:
     bytes
         Preamble, ``DICM``, file meta group and the encoded dataset.
     """
+    return b"".join(encode_parts(ds, edit))
+
+
+def encode_parts(ds: Dataset, edit: Edit | None = None) -> list[bytes]:
+    """:func:`encode_dataset` in parts whose concatenation is the file, for writing it without
+    joining: a long byte value of the top level (a SEG's pixel data) is a part of its own, the
+    very object the dataset holds, not a copy."""
     meta = getattr(ds, "file_meta", None)
     if meta is None or meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
-        return _pydicom_bytes(ds if edit is None else edited_copy(ds, edit))
+        return [_pydicom_bytes(ds if edit is None else edited_copy(ds, edit))]
     try:
-        return _header(ds, edit) + _Encoder(edit).dataset(ds, pydicom.charset.default_encoding)
+        return [_header(ds, edit), *_Encoder(edit).parts(ds, pydicom.charset.default_encoding)]
     except _Fallback:
-        return _pydicom_bytes(ds if edit is None else edited_copy(ds, edit))
+        return [_pydicom_bytes(ds if edit is None else edited_copy(ds, edit))]
 
 
 def edited_copy(ds: Dataset, edit: Edit, nested: bool = False) -> Dataset:
@@ -154,6 +161,9 @@ class _Encoder:
         self.edit = edit
 
     def dataset(self, ds: Dataset, parent_encoding: Any, nested: bool = False) -> bytes:
+        return b"".join(self.parts(ds, parent_encoding, nested))
+
+    def parts(self, ds: Dataset, parent_encoding: Any, nested: bool = False) -> list[bytes]:
         # As pydicom's write_dataset: a dataset not read in this encoding and character set (a
         # new one, too) has its raw elements parsed (then written from their values) and its
         # ambiguous VRs corrected (those go to pydicom: see element()).
@@ -162,7 +172,7 @@ class _Encoder:
         encoding = ds.get("SpecificCharacterSet", parent_encoding)
         if self.edit is not None:  # an edited element is one with its value: no raw ones
             get = ds.__getitem__
-        parts = []
+        parts: list[bytes] = []
         for tag in sorted(ds.keys()):
             if tag.element == 0 and tag.group > 6:  # retired group lengths: pydicom skips them
                 continue
@@ -171,8 +181,25 @@ class _Encoder:
                 # as pydicom does for a dataset it converts (in place, as it does): PixelData's
                 # 'OB or OW' of a new object; nested ones need their ancestors (pydicom's)
                 elem = correct_ambiguous_vr_element(elem, ds, True)
-            parts.append(self.element(elem, encoding, nested))
-        return b"".join(parts)
+            long = None if nested else self._long_value(elem)
+            if long is not None:
+                parts += long
+            else:
+                parts.append(self.element(elem, encoding, nested))
+        return parts
+
+    def _long_value(self, elem: Any) -> list[bytes] | None:
+        """``[header, value]`` of a long OB/OW byte value of even length, as pydicom writes it
+        (explicit VR little endian, defined length) but with the value not copied; else None."""
+        if elem.VR not in ("OB", "OW") or elem.is_raw or getattr(elem, "is_buffered", False):
+            return None
+        if self.edit is not None and self.edit(elem, False) is not elem:
+            return None
+        value = elem.value
+        if type(value) is not bytes or len(value) <= _NO_CACHE_BYTES or len(value) % 2 or elem.is_undefined_length:
+            return None
+        tag = BaseTag(elem.tag)
+        return [struct.pack("<HH2sHI", tag.group, tag.element, elem.VR.encode(), 0, len(value)), value]
 
     def element(self, elem: Any, encoding: Any, nested: bool = False) -> bytes:
         vr = elem.VR
