@@ -40,6 +40,7 @@ import io
 import logging
 import os
 import secrets
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -559,23 +560,30 @@ def build_seg_from_image(match: SourceFrames, image: Path, names: dict[int, str]
 
     n_slices, rows, columns = omezarr.read_labels(image).shape
     seg_number, lut = _segment_lut(names, 0)
-    packed = seg = None
-    if rows * columns % 8 == 0:
-        packed = seg_pixels.pack_label_frames(seg_pixels.label_slabs(image), lut, n_slices, match.flips)
+    if rows * columns % 8:
+        return _seg_from_whole_image(match, image, names, method, series_number, slice_spacing, uid_for)
+    # the packed frames wait on disk beside the study (an unnamed file, gone when closed)
+    with tempfile.TemporaryFile(dir=Path(image).parent) as file, tempfile.TemporaryFile(dir=Path(image).parent) as scratch:
+        packed = seg_pixels.pack_label_frames(seg_pixels.label_slabs(image), lut, n_slices, match.flips, file)
         stand_in = seg_pixels.presence_stand_in(packed.present, list(match.slices), (rows, columns))
-        if stand_in is not None:
-            seg = seg_pixels.metadata_only_segmentation(
-                **_seg_arguments(match, names, seg_number, method, series_number, uid_for),
-                pixel_array=stand_in, omit_empty_frames=any(packed.present))
-    order = seg_pixels.frame_order(seg, match.images, list(match.slices)) if seg is not None else None
-    if order is None:
-        log.debug("SEG of %s built from the whole label image", image)
-        del packed, seg
-        return build_seg(match, read_label_image(image), names, method, series_number, slice_spacing, uid_for,
-                         overwrite=True)
-    seg.PixelData = seg_pixels.join_frames(packed, order)
-    del packed
+        if stand_in is None:
+            return _seg_from_whole_image(match, image, names, method, series_number, slice_spacing, uid_for)
+        seg = seg_pixels.metadata_only_segmentation(
+            **_seg_arguments(match, names, seg_number, method, series_number, uid_for),
+            pixel_array=stand_in, omit_empty_frames=any(packed.present))
+        order = seg_pixels.frame_order(seg, match.images, list(match.slices))
+        if order is None:
+            del seg
+            return _seg_from_whole_image(match, image, names, method, series_number, slice_spacing, uid_for)
+        seg.PixelData = seg_pixels.join_frames(packed, order, scratch)
     return _mend_seg(seg, match, slice_spacing, uid_for), seg_number
+
+
+def _seg_from_whole_image(match: SourceFrames, image: Path, names: dict[int, str], method: str | None,
+                          series_number: int, slice_spacing: float | None, uid_for: UidFor) -> tuple[Any, dict[int, int]]:
+    log.debug("SEG of %s built from the whole label image", image)
+    return build_seg(match, read_label_image(image), names, method, series_number, slice_spacing, uid_for,
+                     overwrite=True)
 
 
 def _segment_lut(names: dict[int, str], top: int) -> tuple[dict[int, int], np.ndarray]:

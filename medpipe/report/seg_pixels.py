@@ -3,7 +3,7 @@
 highdicom's ``Segmentation`` wants the whole label map as one array and packs its frames from
 it, so the volume is held once more beside the packed frames. Here the label image is read a
 slab of chunks at a time and each (slice, segment) frame that holds the segment is packed at
-once (:func:`pack_label_frames`); highdicom is given a stand-in of the same shape that costs one
+once into a temporary file (:func:`pack_label_frames`); highdicom is given a stand-in of the same shape that costs one
 row per slice (:func:`presence_stand_in`), from which it builds every attribute but the pixel
 data, with the same frames kept and in the same order as for the label map itself; the packed
 frames are then joined in that order (:func:`frame_order`, :func:`join_frames`). Tests compare
@@ -16,7 +16,9 @@ path otherwise.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,18 +43,20 @@ def label_slabs(image: Path) -> Iterator[tuple[int, np.ndarray]]:
 
 @dataclass
 class LabelFrames:
-    """The packed frames of a label image: ``frames[(slice, segment)]`` for each segment present
-    in a slice, ``present[slice]`` the segment numbers present there (ascending), and the
-    bytes of one frame (``frame_bytes``)."""
+    """The packed frames of a label image, written one after the other into ``file``:
+    ``offsets[(slice, segment)]`` for each segment present in a slice, ``present[slice]`` the
+    segment numbers present there (ascending), and the bytes of one frame (``frame_bytes``)."""
 
-    frames: dict[tuple[int, int], bytes]
+    file: BinaryIO
+    offsets: dict[tuple[int, int], int]
     present: list[list[int]]
     frame_bytes: int
 
 
 def pack_label_frames(slabs: Iterator[tuple[int, np.ndarray]], lut: np.ndarray, n_slices: int,
-                      flips: tuple[bool, bool]) -> LabelFrames:
-    """Pack each slice's binary frame of each segment it holds.
+                      flips: tuple[bool, bool], file: BinaryIO) -> LabelFrames:
+    """Pack each slice's binary frame of each segment it holds into ``file`` (the frames are
+    kept on disk, not in memory, until they are joined in the SEG's order).
 
     Parameters
     ----------
@@ -64,17 +68,20 @@ def pack_label_frames(slabs: Iterator[tuple[int, np.ndarray]], lut: np.ndarray, 
         Slices of the label image.
     flips : (bool, bool)
         Whether the source's rows / columns run opposite to the volume's.
+    file : binary file
+        Empty, open for writing and reading (a temporary file).
 
     Examples
     --------
+    >>> import io
     >>> slab = np.array([[[0, 1, 1, 0, 0, 0, 0, 2]]], np.uint8)
-    >>> got = pack_label_frames(iter([(0, slab)]), np.array([0, 1, 2], np.uint8), 1, (False, False))
-    >>> got.present, got.frames[(0, 1)], got.frames[(0, 2)]
-    ([[1, 2]], b'\\x06', b'\\x80')
+    >>> got = pack_label_frames(iter([(0, slab)]), np.array([0, 1, 2], np.uint8), 1, (False, False), io.BytesIO())
+    >>> got.present, got.offsets, got.file.getvalue().hex()
+    ([[1, 2]], {(0, 1): 0, (0, 2): 1}, '0680')
     """
-    frames: dict[tuple[int, int], bytes] = {}
+    offsets: dict[tuple[int, int], int] = {}
     present: list[list[int]] = [[] for _ in range(n_slices)]
-    frame_bytes = 0
+    frame_bytes = end = 0
     for z0, slab in slabs:
         top = int(slab.max(initial=0))
         if top >= len(lut):  # values without a name: background
@@ -88,9 +95,11 @@ def pack_label_frames(slabs: Iterator[tuple[int, np.ndarray]], lut: np.ndarray, 
             frame_bytes = numbers.size // 8
             counts = np.bincount(numbers.ravel(), minlength=1)
             for s in np.flatnonzero(counts[1:]) + 1:
-                frames[(z0 + dz, int(s))] = pack_bits(numbers == s, pad=False)
+                file.write(pack_bits(numbers == s, pad=False))
+                offsets[(z0 + dz, int(s))] = end
+                end += frame_bytes
                 present[z0 + dz].append(int(s))
-    return LabelFrames(frames, present, frame_bytes)
+    return LabelFrames(file, offsets, present, frame_bytes)
 
 
 def presence_stand_in(present: list[list[int]], slices: list[int | None], shape: tuple[int, int]) -> np.ndarray | None:
@@ -134,11 +143,24 @@ def frame_order(seg: pydicom.Dataset, images: list[pydicom.Dataset], slices: lis
     return order
 
 
-def join_frames(packed: LabelFrames, order: list[tuple[int | None, int]]) -> bytes:
+def join_frames(packed: LabelFrames, order: list[tuple[int | None, int]], scratch: BinaryIO) -> bytes:
     """The SEG's pixel data: the packed frames in ``order``, an empty frame where a slice lacks
-    the segment, padded to an even length as highdicom pads it."""
-    empty = bytes(packed.frame_bytes)
-    data = b"".join(packed.frames.get((k, s), empty) if k is not None else empty for k, s in order)
+    the segment, padded to an even length as highdicom pads it.
+
+    The frames are copied one at a time into ``scratch`` (an empty temporary file) in ``order``
+    and read back as one bytes object: the pixel data is held once, never beside its parts.
+    """
+    f, size = packed.file, packed.frame_bytes
+    f.flush()
+    empty = bytes(size)
+    for k, s in order:
+        offset = packed.offsets.get((k, s)) if k is not None else None
+        scratch.write(empty if offset is None else os.pread(f.fileno(), size, offset))
+    scratch.flush()
+    total = size * len(order)
+    data = os.pread(scratch.fileno(), total, 0)  # one bytes object (a buffered read(-1) joins chunks)
+    if len(data) != total:
+        raise OSError(f"short read of the SEG's packed frames: {len(data)} of {total} bytes")
     return data + b"0" if len(data) % 2 else data
 
 

@@ -1,5 +1,6 @@
 """The SEG's frames built without whole-volume copies are those of the copying path."""
 
+import io
 import logging
 
 import numpy as np
@@ -108,10 +109,13 @@ def test_pack_label_frames_across_slabs():
     labels[3] = 0  # a slice without any segment
     lut = np.array([0, 2, 1], np.uint8)  # 3 and 4 have no segment
     slabs = iter([(0, labels[:3]), (3, labels[3:5]), (5, labels[5:])])
-    got = seg_pixels.pack_label_frames(slabs, lut, 7, (False, True))
+    got = seg_pixels.pack_label_frames(slabs, lut, 7, (False, True), io.BytesIO())
+    data = got.file.getvalue()
     mapped = np.where(labels < 3, lut[np.minimum(labels, 2)], 0)[:, :, ::-1]
     assert got.frame_bytes == 3 and got.present[3] == []
     for k in range(7):
         assert got.present[k] == sorted(int(s) for s in set(mapped[k].ravel()) - {0})
         for s in got.present[k]:
-            assert got.frames[(k, s)] == np.packbits((mapped[k] == s).ravel(), bitorder="little").tobytes()
+            at = got.offsets[(k, s)]
+            assert data[at:at + 3] == np.packbits((mapped[k] == s).ravel(), bitorder="little").tobytes()
+    assert len(data) == 3 * len(got.offsets)
