@@ -108,3 +108,15 @@ def test_an_edit_through_the_pydicom_fallback_writes_the_same(made):
     assert back.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
     assert back.SOPInstanceUID == ref.SOPInstanceUID and back.PatientID == ref.PatientID
     assert "secret" not in repr(back) and back.ContentSequence == ref.ContentSequence
+
+
+def test_parts_are_the_file_with_the_pixel_data_not_copied(made):
+    study, datasets = made
+    seg = datasets["seg"]
+    parts = encoding.encode_parts(seg)
+    assert b"".join(parts) == _pydicom(seg)
+    assert any(part is seg.PixelData for part in parts)  # the dataset's own bytes, not a copy
+    key = load_uid_key(study.study_dir.parent.parent)
+    parts = dicom.deidentified_parts(seg, study.study_dir.name, key)
+    assert any(part is seg.PixelData for part in parts)
+    assert b"".join(parts) == _pydicom(dicom.deidentify(seg, study.study_dir.name, key))
