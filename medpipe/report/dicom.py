@@ -162,10 +162,12 @@ def deidentify(ds: pydicom.Dataset, study_key: str, key: bytes) -> pydicom.Datas
 def deidentified_bytes(ds: pydicom.Dataset, study_key: str, key: bytes) -> bytes:
     """The file of :func:`deidentify` ``(ds, study_key, key)``, encoded from ``ds`` itself
     (:func:`deidentified_parts` joined)."""
-    return b"".join(deidentified_parts(ds, study_key, key))
+    from .encoding import part_bytes
+
+    return b"".join(map(part_bytes, deidentified_parts(ds, study_key, key)))
 
 
-def deidentified_parts(ds: pydicom.Dataset, study_key: str, key: bytes) -> list[bytes]:
+def deidentified_parts(ds: pydicom.Dataset, study_key: str, key: bytes) -> list[Any]:
     """The file of :func:`deidentify` ``(ds, study_key, key)``, encoded from ``ds`` itself, in
     parts (:func:`medpipe.report.encoding.encode_parts`: the pixel data is not copied).
 
@@ -456,7 +458,7 @@ def _encode(ds: pydicom.Dataset) -> bytes:
     return encode_dataset(ds)
 
 
-def _encode_parts(ds: pydicom.Dataset) -> list[bytes]:
+def _encode_parts(ds: pydicom.Dataset) -> list[Any]:
     """:func:`_encode` in parts whose concatenation is the file (the pixel data not copied)."""
     from .encoding import encode_parts
 
@@ -562,8 +564,9 @@ def build_seg_from_image(match: SourceFrames, image: Path, names: dict[int, str]
     seg_number, lut = _segment_lut(names, 0)
     if rows * columns % 8:
         return _seg_from_whole_image(match, image, names, method, series_number, slice_spacing, uid_for)
-    # the packed frames wait on disk beside the study (an unnamed file, gone when closed)
-    with tempfile.TemporaryFile(dir=Path(image).parent) as file, tempfile.TemporaryFile(dir=Path(image).parent) as scratch:
+    # the packed frames wait on disk beside the study (unnamed files, gone when closed); the
+    # SEG's pixel data stays there, as pydicom's buffered value, until the SEG is dropped
+    with tempfile.TemporaryFile(dir=Path(image).parent) as file:
         packed = seg_pixels.pack_label_frames(seg_pixels.label_slabs(image), lut, n_slices, match.flips, file)
         stand_in = seg_pixels.presence_stand_in(packed.present, list(match.slices), (rows, columns))
         if stand_in is None:
@@ -575,7 +578,7 @@ def build_seg_from_image(match: SourceFrames, image: Path, names: dict[int, str]
         if order is None:
             del seg
             return _seg_from_whole_image(match, image, names, method, series_number, slice_spacing, uid_for)
-        seg.PixelData = seg_pixels.join_frames(packed, order, scratch)
+        seg.PixelData = seg_pixels.join_frames(packed, order, tempfile.TemporaryFile(dir=Path(image).parent))
     return _mend_seg(seg, match, slice_spacing, uid_for), seg_number
 
 
@@ -1036,18 +1039,21 @@ def _write_send(send_dir: Path, made: MadeObjects, wanted: set[str], record: dic
     return files
 
 
-def _write_parts(path: Path, parts: list[bytes], private: bool = False) -> Path:
+def _write_parts(path: Path, parts: list[Any], private: bool = False) -> Path:
     """Write the concatenation of ``parts`` to ``path`` through a temporary file in the same
     folder, flushed to disk, and a rename (as :func:`medpipe.atomic.write_bytes`, without
-    joining the parts into one copy of the file). ``private``: owner-only (0600), else as the
+    joining the parts into one copy of the file; :func:`medpipe.report.encoding.encode_parts`).
+    ``private``: owner-only (0600), else as the
     umask lets people read it."""
+    from .encoding import write_part
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             for part in parts:
-                f.write(part)
+                write_part(f, part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

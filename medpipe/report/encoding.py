@@ -42,12 +42,13 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.fileutil import buffer_remaining, read_buffer, reset_buffer_position
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
 
-__all__ = ["Edit", "encode_dataset", "encode_parts"]
+__all__ = ["Edit", "encode_dataset", "encode_parts", "part_bytes", "write_part"]
 
 Edit = Callable[[Any, bool], Any]
 """``edit(element, nested)``: the element to write instead of ``element`` (itself when unchanged),
@@ -90,13 +91,14 @@ def encode_dataset(ds: Dataset, edit: Edit | None = None) -> bytes:
     bytes
         Preamble, ``DICM``, file meta group and the encoded dataset.
     """
-    return b"".join(encode_parts(ds, edit))
+    return b"".join(map(part_bytes, encode_parts(ds, edit)))
 
 
-def encode_parts(ds: Dataset, edit: Edit | None = None) -> list[bytes]:
+def encode_parts(ds: Dataset, edit: Edit | None = None) -> list[Any]:
     """:func:`encode_dataset` in parts whose concatenation is the file, for writing it without
     joining: a long byte value of the top level (a SEG's pixel data) is a part of its own, the
-    very object the dataset holds, not a copy."""
+    very object the dataset holds, not a copy: ``bytes``, or a buffer (pydicom's buffered
+    value, written from its position on as pydicom writes it; :func:`write_part`)."""
     meta = getattr(ds, "file_meta", None)
     if meta is None or meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
         return [_pydicom_bytes(ds if edit is None else edited_copy(ds, edit))]
@@ -104,6 +106,24 @@ def encode_parts(ds: Dataset, edit: Edit | None = None) -> list[bytes]:
         return [_header(ds, edit), *_Encoder(edit).parts(ds, pydicom.charset.default_encoding)]
     except _Fallback:
         return [_pydicom_bytes(ds if edit is None else edited_copy(ds, edit))]
+
+
+def part_bytes(part: Any) -> bytes:
+    """The bytes of a part of :func:`encode_parts` (a buffer read from its position, which stays)."""
+    if isinstance(part, bytes):
+        return part
+    with reset_buffer_position(part):
+        return part.read()
+
+
+def write_part(f: Any, part: Any) -> None:
+    """Write a part of :func:`encode_parts` into the open file ``f``, a buffer chunk by chunk."""
+    if isinstance(part, bytes):
+        f.write(part)
+        return
+    with reset_buffer_position(part):
+        for chunk in read_buffer(part):
+            f.write(chunk)
 
 
 def edited_copy(ds: Dataset, edit: Edit, nested: bool = False) -> Dataset:
@@ -161,9 +181,9 @@ class _Encoder:
         self.edit = edit
 
     def dataset(self, ds: Dataset, parent_encoding: Any, nested: bool = False) -> bytes:
-        return b"".join(self.parts(ds, parent_encoding, nested))
+        return b"".join(map(part_bytes, self.parts(ds, parent_encoding, nested)))
 
-    def parts(self, ds: Dataset, parent_encoding: Any, nested: bool = False) -> list[bytes]:
+    def parts(self, ds: Dataset, parent_encoding: Any, nested: bool = False) -> list[Any]:
         # As pydicom's write_dataset: a dataset not read in this encoding and character set (a
         # new one, too) has its raw elements parsed (then written from their values) and its
         # ambiguous VRs corrected (those go to pydicom: see element()).
@@ -188,18 +208,25 @@ class _Encoder:
                 parts.append(self.element(elem, encoding, nested))
         return parts
 
-    def _long_value(self, elem: Any) -> list[bytes] | None:
-        """``[header, value]`` of a long OB/OW byte value of even length, as pydicom writes it
-        (explicit VR little endian, defined length) but with the value not copied; else None."""
-        if elem.VR not in ("OB", "OW") or elem.is_raw or getattr(elem, "is_buffered", False):
+    def _long_value(self, elem: Any) -> list[Any] | None:
+        """``[header, value]`` of a long OB/OW value of even length (bytes, or a buffer from its
+        position on), as pydicom writes it (explicit VR little endian, defined length) but with
+        the value not copied; else None."""
+        if elem.VR not in ("OB", "OW") or elem.is_raw:
             return None
         if self.edit is not None and self.edit(elem, False) is not elem:
             return None
         value = elem.value
-        if type(value) is not bytes or len(value) <= _NO_CACHE_BYTES or len(value) % 2 or elem.is_undefined_length:
+        if elem.is_buffered:
+            length = buffer_remaining(value)
+        elif type(value) is bytes:
+            length = len(value)
+        else:
+            return None
+        if length <= _NO_CACHE_BYTES or length % 2 or elem.is_undefined_length:
             return None
         tag = BaseTag(elem.tag)
-        return [struct.pack("<HH2sHI", tag.group, tag.element, elem.VR.encode(), 0, len(value)), value]
+        return [struct.pack("<HH2sHI", tag.group, tag.element, elem.VR.encode(), 0, length), value]
 
     def element(self, elem: Any, encoding: Any, nested: bool = False) -> bytes:
         vr = elem.VR

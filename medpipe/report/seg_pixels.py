@@ -143,25 +143,22 @@ def frame_order(seg: pydicom.Dataset, images: list[pydicom.Dataset], slices: lis
     return order
 
 
-def join_frames(packed: LabelFrames, order: list[tuple[int | None, int]], scratch: BinaryIO) -> bytes:
-    """The SEG's pixel data: the packed frames in ``order``, an empty frame where a slice lacks
-    the segment, padded to an even length as highdicom pads it.
-
-    The frames are copied one at a time into ``scratch`` (an empty temporary file) in ``order``
-    and read back as one bytes object: the pixel data is held once, never beside its parts.
-    """
+def join_frames(packed: LabelFrames, order: list[tuple[int | None, int]], pixels: BinaryIO) -> BinaryIO:
+    """``pixels`` (an empty temporary file) holding the SEG's pixel data, at its start: the
+    packed frames in ``order``, an empty frame where a slice lacks the segment, padded to an
+    even length as highdicom pads it. Frames are copied one at a time: the pixel data is never
+    held in memory (pydicom writes it from the file, as a buffered value)."""
     f, size = packed.file, packed.frame_bytes
     f.flush()
     empty = bytes(size)
     for k, s in order:
         offset = packed.offsets.get((k, s)) if k is not None else None
-        scratch.write(empty if offset is None else os.pread(f.fileno(), size, offset))
-    scratch.flush()
-    total = size * len(order)
-    data = os.pread(scratch.fileno(), total, 0)  # one bytes object (a buffered read(-1) joins chunks)
-    if len(data) != total:
-        raise OSError(f"short read of the SEG's packed frames: {len(data)} of {total} bytes")
-    return data + b"0" if len(data) % 2 else data
+        pixels.write(empty if offset is None else os.pread(f.fileno(), size, offset))
+    if size * len(order) % 2:
+        pixels.write(b"0")
+    pixels.flush()
+    pixels.seek(0)
+    return pixels
 
 
 def metadata_only_segmentation(**kwargs: object) -> pydicom.Dataset:
