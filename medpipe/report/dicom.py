@@ -909,6 +909,8 @@ def make_objects(study_dir: Path, record: dict[str, Any], source_files: list[str
             seg, seg_number = build_seg_from_image(match, image, names, segmentation.get("method"),
                                                    slice_spacing=float(meta.spacing[0]), uid_for=uid_for)
             made.datasets["seg"] = seg
+        except OSError:  # the disk or file system (full, gone): the study fails and a rerun retries it
+            raise
         except Exception as exc:  # a derived object's failure is a warning, never the study's
             log.warning("SEG of study %s not made: %s", key, exc, exc_info=True)
             reason, seg = f"{type(exc).__name__}: {exc}", None
