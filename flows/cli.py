@@ -30,7 +30,11 @@ def console() -> None:
     """
     status = [EXIT_RUN_FAILED]  # an exception escaping main(): its traceback is printed, then this
     atexit.register(_exit_now, status)  # first registered, so it runs after every other exit handler
-    status[0] = main()
+    try:
+        status[0] = main()
+    except SystemExit as exc:  # argparse's usage errors, --help, --version, a refused configuration
+        status[0] = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        raise
     sys.exit(status[0])
 
 
