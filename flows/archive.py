@@ -40,13 +40,15 @@ from medpipe.outputs import (
     run_lock,
     versions,
 )
-from medpipe.privacy import PathRedactor, append_log
+from medpipe.privacy import PathRedactor
 from medpipe.publish import close_gate, published_fingerprint
 from medpipe.report import run_markdown, run_table
 from medpipe.report.run import write_run_record
 from tasks import pacs as pacs_tasks
 from tasks import study as stages
-from medpipe.run_plan import ToDo, count, decide, models_fingerprint, models_identity, run_record
+from medpipe.run_plan import (
+    ToDo, add_file_issues, count, decide, models_fingerprint, models_identity, run_record, write_record,
+)
 from medpipe.study import StudyEntry, entry_for, published_entry, run_window
 from tasks.model import check_model
 
@@ -178,10 +180,7 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
                 pacs_plan, plans = _plan_pacs(config, out, cfg, model, layout, run, record)
             else:
                 found = stages.discover.submit(archive, config, out).result()
-                for issue in found["issues"]:
-                    public, secret = redactor.issue(issue)
-                    run["issues"].append(public)
-                    private.append(secret)
+                add_file_issues(run, private, found["issues"], redactor)
                 plans = found["plans"]
             todo, skipped = decide(plans, layout, cfg, model)
             if todo and cfg.model.enabled:  # a bad model file stops the run before any study starts
@@ -219,13 +218,7 @@ def run_pipeline(archive: str, out: str, config: dict[str, Any]) -> dict[str, An
 
 def _record_run(out: str, run: dict[str, Any], private: list[dict[str, Any]]) -> None:
     """Write run.json, run.html, the operator's log and the Prefect artifacts; never raise."""
-    problems = write_run_record(out, run)
-    for p in problems:
-        log.error("run record: %s", p)
-    try:  # a file of a processed study is named by discovery and by its study's report: once here
-        append_log(out, run["run_id"], list({(e["file_id"], e["reason"]): e for e in private}.values()))
-    except OSError as exc:
-        log.error("operator's log %s: %s", Path(out) / "private", exc)
+    write_record(out, run, private)
     try:
         create_markdown_artifact(run_markdown(run), key="medpipe-run-summary", description="medpipe run summary")
         create_table_artifact(run_table(run), key="medpipe-studies", description="Studies of this run")

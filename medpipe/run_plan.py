@@ -22,9 +22,11 @@ import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .config import Config
+from .privacy import PathRedactor, append_log
 from .outputs import STATUSES, OutputLayout, OutputLockedError, clean_work, input_fingerprint, new_run_id, now_iso, \
     run_lock, versions
 from .publish import published_fingerprint
@@ -55,7 +57,13 @@ def models_identity(cfg: Config) -> dict[str, Any] | None:
         return None
     from .inference.model import resolve_model
 
-    found = [resolve_model(m).to_dict() for m in cfg.inference_models() if m.enabled]
+    return describe_models(cfg, resolve_model)
+
+
+def describe_models(cfg: Config, describe: Callable[[Any], Any]) -> dict[str, Any] | None:
+    """``describe(model config).to_dict()`` of each enabled model: the first one's fields at the
+    top level, all of them in ``models`` (None when none is enabled)."""
+    found = [describe(m).to_dict() for m in cfg.inference_models() if m.enabled]
     return {**found[0], "models": found} if found else None
 
 
@@ -115,6 +123,28 @@ def count(run: dict[str, Any]) -> None:
     run["counts"] = {s: sum(1 for st in run["studies"] if st["status"] == s) for s in STATUSES}
 
 
+def add_file_issues(run: dict[str, Any], private: list[dict[str, Any]], issues: list[dict[str, Any]],
+                    redactor: PathRedactor) -> None:
+    """Discovery's file problems into the run: their public form (paths as tokens) in
+    ``run["issues"]``, the operator's log lines in ``private``."""
+    for issue in issues:
+        public, secret = redactor.issue(issue)
+        run["issues"].append(public)
+        private.append(secret)
+
+
+def write_record(out: str | Path, run: dict[str, Any], private: list[dict[str, Any]]) -> None:
+    """Write run.json, run.html and the run's lines of the operator's log; never raise."""
+    from .report.run import write_run_record
+
+    for problem in write_run_record(out, run):
+        log.error("run record: %s", problem)
+    try:  # a file of a processed study is named by discovery and by its study's report: once here
+        append_log(out, run["run_id"], list({(e["file_id"], e["reason"]): e for e in private}.values()))
+    except OSError as exc:
+        log.error("operator's log %s: %s", Path(out) / "private", exc)
+
+
 def nothing_new(archive: str | Path, out: str | Path, cfg: Config) -> dict[str, Any] | None:
     """The record of a run with nothing to do, written to OUT; None when there is something to do.
 
@@ -125,8 +155,6 @@ def nothing_new(archive: str | Path, out: str | Path, cfg: Config) -> dict[str, 
     then says so).
     """
     from .ingest import catalogue_path, plan_studies, scan_known
-    from .privacy import PathRedactor, append_log
-    from .report.run import write_run_record
 
     t0 = time.perf_counter()
     archive, out = Path(archive).resolve(), Path(out).resolve()
@@ -147,21 +175,13 @@ def nothing_new(archive: str | Path, out: str | Path, cfg: Config) -> dict[str, 
             run = run_record(str(archive), str(out), cfg)
             run["model"] = model
             redactor = PathRedactor.for_output(out, archive)
-            private = []
-            for issue in scan.issues:
-                public, secret = redactor.issue(issue.to_dict())
-                run["issues"].append(public)
-                private.append(secret)
+            private: list[dict[str, Any]] = []
+            add_file_issues(run, private, [i.to_dict() for i in scan.issues], redactor)
             run["studies"] = [redactor.deep(e.to_dict()) for e in skipped]
             run["status"], run["finished"] = "completed", now_iso()
             run["seconds"] = round(time.perf_counter() - t0, 2)
             count(run)
-            for problem in write_run_record(out, run):
-                log.error("run record: %s", problem)
-            try:
-                append_log(out, run["run_id"], list({(e["file_id"], e["reason"]): e for e in private}.values()))
-            except OSError as exc:
-                log.error("operator's log %s: %s", out / "private", exc)
+            write_record(out, run, private)
             return run
     except OutputLockedError:
         return None

@@ -22,9 +22,9 @@ def check_model(config: dict[str, Any]) -> dict[str, Any] | None:
     descriptions of all of them; None when none is enabled.
     """
     from medpipe.inference.model import inspect_model
+    from medpipe.run_plan import describe_models as described
 
-    checked = [inspect_model(m).to_dict() for m in Config.model_validate(config).inference_models() if m.enabled]
-    return {**checked[0], "models": checked} if checked else None
+    return described(Config.model_validate(config), inspect_model)
 
 
 def describe_models(config: dict[str, Any]) -> dict[str, Any] | None:
