@@ -20,18 +20,16 @@ import sys
 
 log = logging.getLogger("medpipe")
 
-MODULES = ("tasks.study", "medpipe.ingest", "medpipe.ingest.convert", "medpipe.study", "medpipe.ops.stage", "medpipe.report")
-
-
-def preload(modules: tuple[str, ...] = MODULES) -> list[str]:
-    """Import ``modules``; return those that failed (each logged with its reason)."""
-    failed = []
+def preload() -> list[str]:
+    """Import the study task's modules (:data:`tasks.study.STUDY_MODULES`); return those that
+    failed (each logged with its reason)."""
     try:
-        from tasks.study import library
+        from tasks.study import STUDY_MODULES, library
     except Exception as exc:  # noqa: BLE001 - a worker must start anyway
         log.warning("worker preload: tasks.study: %s", exc)
-        return list(modules)
-    for name in modules:
+        return ["tasks.study"]
+    failed = []
+    for name in STUDY_MODULES:
         try:
             library(name)
         except Exception as exc:  # noqa: BLE001

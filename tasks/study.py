@@ -70,7 +70,9 @@ def discover(archive: str, config: dict[str, Any], out: str | None = None) -> di
     return {"plans": [p.to_dict() for p in plans], "issues": [i.to_dict() for i in scan.issues]}
 
 
-_STUDY_MODULES = ("medpipe.ingest", "medpipe.ingest.convert", "medpipe.ops.stage", "medpipe.inference.stage", "medpipe.report")
+# What a study task imports (the stages import lazily); workers load them as they start (flows/worker_preload.py).
+STUDY_MODULES = ("medpipe.ingest", "medpipe.ingest.convert", "medpipe.ops.stage", "medpipe.inference.stage",
+                 "medpipe.report", "medpipe.study")
 
 
 @task(name="process_study", task_run_name="study-{plan[study_key]}", **STAGE)
@@ -88,7 +90,7 @@ def process_study(plan: dict[str, Any], staging: str, out: str, config: dict[str
     Each stage shows in the task run's logs as it starts and ends (with its seconds), and a
     table artifact of the task run lists the stages, their seconds and errors.
     """
-    for module in _STUDY_MODULES:  # the stages import these lazily: here, under the lock
+    for module in STUDY_MODULES:  # the stages import these lazily: here, under the lock
         library(module)
     study = library("medpipe.study")
     pacs = library("tasks.pacs")
